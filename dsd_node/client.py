@@ -1,0 +1,100 @@
+"""The client: an async class for programs, used by `dsd generate --gateway`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from .head import GenerationConfig
+from .pipeline_client import GRPC_OPTIONS
+from .proto import dsd_pb2 as pb
+from .proto import dsd_pb2_grpc as rpc
+from .wire import sampling_to_pb
+
+
+class ClientError(RuntimeError):
+    """A generation the gateway refused or could not finish; `code` is the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, address: str):
+        self.code, self.details = code, details
+        hint = " (is the gateway running at that address?)" if code == grpc.StatusCode.UNAVAILABLE else ""
+        super().__init__(f"{code.name}: {details}{hint}" if details else f"{code.name} from {address}{hint}")
+
+
+@dataclass
+class Chunk:
+    tokens: list[int]
+    text: str
+
+
+@dataclass
+class ClientResult:
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "stats": self.stats}
+
+
+def stats_dict(s: pb.Stats) -> dict:
+    return {"mode": s.mode, "rounds": s.rounds, "rounds_wasted": s.rounds_wasted,
+            "accepted_per_round": list(s.accepted_per_round), "inflight": list(s.inflight),
+            "new_tokens": s.new_tokens, "tokens_per_s": round(s.tokens_per_s, 2),
+            "ms_per_token": round(s.ms_per_token, 3), "draft_ms": round(s.draft_ms, 2), "wall_ms": round(s.wall_ms, 2)}
+
+
+class DsdClient:
+    """`async with DsdClient("127.0.0.1:6000") as c: r = await c.generate("def f(", GenerationConfig(mode="si"))`."""
+
+    def __init__(self, gateway: str, timeout_s: float | None = None):
+        self.gateway = gateway
+        self.timeout_s = timeout_s
+        self.channel = grpc.aio.insecure_channel(gateway, options=GRPC_OPTIONS)
+        self.stub = rpc.GatewayStub(self.channel)
+
+    async def __aenter__(self) -> DsdClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def _request(self, prompt: str | list[int], cfg: GenerationConfig) -> pb.GenerateRequest:
+        cfg.validate()
+        req = pb.GenerateRequest(mode=cfg.mode, max_new_tokens=cfg.max_new_tokens, draft_k=cfg.draft_k,
+                                 sampling=sampling_to_pb(cfg.sampling), max_inflight=cfg.max_inflight,
+                                 ignore_eos=cfg.ignore_eos)
+        if isinstance(prompt, str):
+            req.prompt = prompt
+        else:
+            req.prompt_tokens.extend(prompt)
+        return req
+
+    async def stream(self, prompt: str | list[int], cfg: GenerationConfig, result: ClientResult | None = None
+                     ) -> AsyncIterator[Chunk]:
+        """Yield text as it is committed; fills `result` (text, tokens, stats) on the way."""
+        result = result if result is not None else ClientResult()
+        call = self.stub.Generate(self._request(prompt, cfg), timeout=self.timeout_s, wait_for_ready=False)
+        try:
+            async for ev in call:
+                if ev.HasField("stats"):
+                    result.stats = stats_dict(ev.stats)
+                    continue
+                result.tokens.extend(ev.tokens)
+                result.text += ev.text
+                yield Chunk(list(ev.tokens), ev.text)
+        except grpc.aio.AioRpcError as e:
+            raise ClientError(e.code(), e.details() or "", self.gateway) from None
+        finally:
+            call.cancel()
+
+    async def generate(self, prompt: str | list[int], cfg: GenerationConfig) -> ClientResult:
+        result = ClientResult()
+        async for _ in self.stream(prompt, cfg, result):
+            pass
+        return result

@@ -1,0 +1,126 @@
+"""The drafter: a small model that proposes a token tree continuing a context.
+
+The tree is the drafter's most likely chain of `depth` tokens (its main path) plus, at the first
+`branch_depth` levels, up to `branch` next-best alternatives as leaf siblings: when the target
+rejects a main-path token, one of them may still match. When sampling, the drafter sends a chain
+drawn from its distribution q, with q attached to each node for lossless verification.
+
+Per session the drafter keeps its KV cache and reuses the longest common prefix with the next
+context, so a round costs one forward pass per drafted token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .models import DTYPES, resolve_model_path
+from .tree import SparseDist, TokenTree
+from .verify import Rule, SamplingParams, target_probs
+
+
+@dataclass
+class DraftRequest:
+    context: list[int]
+    depth: int
+    branch: int = 1
+    branch_depth: int = 1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Draft:
+    tree: TokenTree  # roots follow the end of the context
+    main_path: list[int]
+    draft_ms: float = 0.0
+
+
+@dataclass
+class _DraftSession:
+    cache: object
+    tokens: list[int] = field(default_factory=list)
+    rng: torch.Generator | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class Drafter:
+    def __init__(self, source: str, dtype: str = "float32", max_sessions: int = 64):
+        from transformers import AutoModelForCausalLM
+
+        self.model_id = source
+        self.model = AutoModelForCausalLM.from_pretrained(resolve_model_path(source), dtype=DTYPES[dtype]).eval()
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.max_sessions = max_sessions
+        self.sessions: dict[str, _DraftSession] = {}
+
+    def end_session(self, session_id: str) -> bool:
+        return self.sessions.pop(session_id, None) is not None
+
+    def expire(self, ttl_s: float) -> list[str]:
+        now = time.monotonic()
+        old = [sid for sid, s in self.sessions.items() if now - s.last_used > ttl_s]
+        for sid in old:
+            del self.sessions[sid]
+        return old
+
+    def _session(self, session_id: str, seed: int) -> _DraftSession:
+        s = self.sessions.get(session_id)
+        if s is None:
+            if len(self.sessions) >= self.max_sessions:
+                oldest = min(self.sessions, key=lambda k: self.sessions[k].last_used)
+                del self.sessions[oldest]
+            s = self.sessions[session_id] = _DraftSession(DynamicCache(), rng=torch.Generator().manual_seed(seed + 1))
+        s.last_used = time.monotonic()
+        return s
+
+    def _feed(self, s: _DraftSession, tokens: list[int]) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor([tokens]), past_key_values=s.cache, use_cache=True)
+        s.tokens.extend(tokens)
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def draft(self, session_id: str, req: DraftRequest) -> Draft:
+        if not req.context:
+            raise ValueError("cannot draft from an empty context")
+        t0 = time.perf_counter()
+        s = self._session(session_id, req.sampling.seed)
+        keep = 0
+        for a, b in zip(s.tokens, req.context[:-1], strict=False):  # at least one token is fed to get logits
+            if a != b:
+                break
+            keep += 1
+        if keep == 0:
+            s.cache, s.tokens = DynamicCache(), []
+        elif keep < len(s.tokens):
+            s.cache.crop(keep - len(s.tokens))  # transformers 5.x: a negative count of tokens to remove
+            del s.tokens[keep:]
+        logits = self._feed(s, req.context[keep:])
+        sample = req.sampling.rule == Rule.SAMPLE
+        tokens: list[int] = []
+        parents: list[int] = []
+        dists: list[SparseDist | None] = []
+        main: list[int] = []
+        parent = -1
+        for level in range(req.depth):
+            if sample:
+                q = target_probs(logits, req.sampling)
+                tok = int(torch.multinomial(q, 1, generator=s.rng).item())
+                alts: list[int] = []
+                dists.append(SparseDist.from_probs(q))
+            else:
+                n_alt = req.branch if level < req.branch_depth else 0
+                top = torch.topk(logits, 1 + n_alt).indices.tolist()
+                tok, alts = top[0], top[1:]
+            main.append(len(tokens))
+            tokens.append(tok)
+            parents.append(parent)
+            parent = len(tokens) - 1
+            for a in alts:
+                tokens.append(a)
+                parents.append(parents[parent])
+            if level + 1 < req.depth:
+                logits = self._feed(s, [tok])
+        return Draft(TokenTree(tokens, parents, 0, dists), main, (time.perf_counter() - t0) * 1e3)

@@ -1,0 +1,242 @@
+"""The head: owns a session, drafts rounds, sends them down the pipeline and commits verdicts.
+
+Modes:
+- ar:  one token per pipeline pass (the baseline): each round is the next token alone.
+- si:  speculative inference: the round is the known next token y plus a draft tree; wait for its verdict.
+- dsi: speculation parallelism: up to max_inflight rounds in flight. While round r travels, round r+1
+       is drafted on the assumption that r's main path is accepted; its roots are candidates for the
+       token after it. When a verdict breaks that assumption, the epoch is bumped, the later rounds
+       are wasted, and drafting restarts from the committed text. The number of rounds in flight
+       adapts to how often whole rounds are accepted.
+
+The transport is abstract (`Pipeline`): the in-process pipeline (dsd_node.local) and the gRPC
+network (dsd_node.node_server) run exactly this loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .drafter import Draft, DraftRequest
+from .messages import RoundMsg, VerdictMsg
+from .tree import TokenTree
+from .verify import Rule, SamplingParams
+
+MODES = ("ar", "si", "dsi")
+
+
+class Pipeline(Protocol):
+    async def send(self, msg: RoundMsg) -> None: ...
+    async def recv(self) -> VerdictMsg: ...
+
+
+class DraftSource(Protocol):
+    async def draft(self, session_id: str, req: DraftRequest) -> Draft: ...
+
+
+class GenerationError(RuntimeError):
+    """A generation that cannot go on (a stage failed, a protocol error), with a readable reason."""
+
+
+@dataclass
+class GenerationConfig:
+    mode: str = "si"
+    max_new_tokens: int = 64
+    draft_k: int = 4
+    branch: int = 1  # alternatives per level at the first branch_depth levels (greedy only)
+    branch_depth: int = 1
+    max_inflight: int = 3  # dsi only
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.mode != "ar" and not 1 <= self.draft_k <= 64:
+            raise ValueError("draft_k must be between 1 and 64")
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
+
+
+@dataclass
+class Stats:
+    mode: str
+    rounds: int = 0
+    rounds_wasted: int = 0
+    accepted_per_round: list[int] = field(default_factory=list)
+    inflight: list[int] = field(default_factory=list)
+    new_tokens: int = 0
+    wall_ms: float = 0.0
+    draft_ms: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / (self.wall_ms / 1e3) if self.wall_ms else 0.0
+
+    @property
+    def ms_per_token(self) -> float:
+        return self.wall_ms / self.new_tokens if self.new_tokens else 0.0
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "rounds": self.rounds, "rounds_wasted": self.rounds_wasted,
+                "accepted_per_round": self.accepted_per_round, "inflight": self.inflight,
+                "new_tokens": self.new_tokens, "tokens_per_s": round(self.tokens_per_s, 2),
+                "ms_per_token": round(self.ms_per_token, 3), "draft_ms": round(self.draft_ms, 2),
+                "wall_ms": round(self.wall_ms, 2)}
+
+
+@dataclass
+class _Sent:
+    round_id: int
+    tree: TokenTree
+    main_path: list[int]  # nodes assumed accepted by the rounds drafted on top of this one
+    assumed: list[int]  # tokens of main_path beyond what was known when it was sent
+
+
+class Head:
+    """Runs one session's generation loop over a pipeline."""
+
+    def __init__(self, session_id: str, pipeline: Pipeline, drafter: DraftSource | None, cfg: GenerationConfig,
+                 eos_token_id: int | None = None, on_tokens: Callable[[list[int]], Awaitable[None]] | None = None):
+        cfg.validate()
+        if cfg.mode != "ar" and drafter is None:
+            raise ValueError(f"mode {cfg.mode} needs a drafter")
+        self.sid, self.pipe, self.drafter, self.cfg = session_id, pipeline, drafter, cfg
+        self.eos = None if cfg.ignore_eos else eos_token_id
+        self.on_tokens = on_tokens
+        self.stats = Stats(cfg.mode)
+        self.known: list[int] = []  # committed tokens; the last one (y) is not yet in any KV cache
+        self.n_prompt = 0
+        self.next_round = 0
+        self.epoch = 0
+        self.inflight: deque[_Sent] = deque()
+        self.commits: list[tuple[int, list[int]]] = []
+        self.full_accept_rate = 0.5  # running rate of rounds accepted whole (drives the dsi depth)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.known[self.n_prompt:]
+
+    def _done(self) -> bool:
+        gen = self.generated
+        return len(gen) >= self.cfg.max_new_tokens or (self.eos is not None and self.eos in gen)
+
+    def _depth_limit(self) -> int:
+        if self.cfg.mode != "dsi":
+            return 1
+        # expected run of whole-accepted rounds ~ 1 / (1 - rate): keep about that many in flight
+        want = round(1.0 / max(1e-3, 1.0 - self.full_accept_rate))
+        return max(1, min(self.cfg.max_inflight, want))
+
+    def _speculated(self) -> int:
+        return sum(len(s.assumed) + 1 for s in self.inflight)
+
+    async def _draft(self, context: list[int], depth: int) -> Draft:
+        cfg = self.cfg
+        sample = cfg.sampling.rule == Rule.SAMPLE
+        req = DraftRequest(context, depth, 0 if sample else cfg.branch, cfg.branch_depth, cfg.sampling)
+        d = await self.drafter.draft(self.sid, req)
+        self.stats.draft_ms += d.draft_ms
+        return d
+
+    async def _send_round(self, prompt: list[int] | None) -> None:
+        cfg = self.cfg
+        k = cfg.draft_k
+        remaining = cfg.max_new_tokens - len(self.generated) - self._speculated()
+        k = max(1, min(k, remaining))
+        if prompt is not None:  # first round: the prompt, given, plus a draft after it
+            tree, main = TokenTree.chain(prompt, n_given=len(prompt)), list(range(len(prompt)))
+            context, offset = prompt, len(prompt)
+        elif not self.inflight:  # the known next token y, then a draft after it
+            tree, main = TokenTree([self.known[-1]], [-1]), [0]
+            context, offset = self.known, 1
+        else:  # dsi: a pure draft on top of the rounds in flight; its roots are candidates for y'
+            tree, main = TokenTree([], []), []
+            context, offset = self.known + [t for s in self.inflight for t in s.assumed], 0
+        assumed: list[int] = []
+        if cfg.mode != "ar":
+            d = await self._draft(context, k if offset else k + 1)
+            anchor = offset - 1
+            tree = TokenTree(tree.tokens + d.tree.tokens,
+                             tree.parents + [anchor if p < 0 else p + offset for p in d.tree.parents],
+                             tree.n_given,
+                             ([None] * offset + d.tree.draft_dists) if d.tree.draft_dists else [])
+            main = main + [i + offset for i in d.main_path]
+            assumed = [tree.tokens[i] for i in main[offset:]]
+        msg = RoundMsg(self.sid, self.next_round, self.epoch, self.commits,
+                       [(s.round_id, s.main_path) for s in self.inflight], tree, cfg.sampling)
+        self.commits = []
+        self.stats.inflight.append(len(self.inflight))
+        self.inflight.append(_Sent(self.next_round, tree, main, assumed))
+        self.next_round += 1
+        self.stats.rounds += 1
+        await self.pipe.send(msg)
+
+    def _invalidate(self) -> None:
+        self.stats.rounds_wasted += len(self.inflight)
+        self.inflight.clear()
+        self.epoch += 1
+
+    def _on_verdict(self, v: VerdictMsg) -> list[int]:
+        """Commit a verdict; returns the newly committed tokens."""
+        sent = self.inflight.popleft()
+        if v.stale:  # the last stage found the round built on something not accepted
+            self.stats.rounds_wasted += 1
+            self._invalidate()
+            return []
+        self.commits.append((sent.round_id, v.accepted))
+        self.known.extend(v.tokens)
+        self.stats.accepted_per_round.append(len(v.tokens))
+        whole = v.accepted == sent.main_path
+        self.full_accept_rate = 0.8 * self.full_accept_rate + 0.2 * float(whole)
+        if self.inflight:
+            nxt = self.inflight[0]
+            roots = [nxt.tree.tokens[i] for i, p in enumerate(nxt.tree.parents) if p < 0]
+            if not whole or self.known[-1] not in roots:
+                self._invalidate()
+        return v.tokens
+
+    async def run(self, prompt: list[int]) -> list[int]:
+        """Generate; returns the new tokens (cut at max_new_tokens and after the first EOS)."""
+        if not prompt:
+            raise ValueError("empty prompt: give at least one token")
+        t0 = time.perf_counter()
+        self.known, self.n_prompt = list(prompt), len(prompt)
+        await self._send_round(prompt)
+        emitted = 0
+        while True:
+            v = await self.pipe.recv()
+            if not self.inflight or v.round_id != self.inflight[0].round_id:
+                continue  # a verdict for a round already given up (an older epoch)
+            self._on_verdict(v)
+            out = self._trimmed()
+            if self.on_tokens and len(out) > emitted:
+                await self.on_tokens(out[emitted:])
+            emitted = len(out)
+            if self._done():
+                break
+            while len(self.inflight) < self._depth_limit() and \
+                    len(self.generated) + self._speculated() < self.cfg.max_new_tokens:
+                await self._send_round(None)
+        self.stats.new_tokens = len(self._trimmed())
+        self.stats.wall_ms = (time.perf_counter() - t0) * 1e3
+        return self._trimmed()
+
+    def _trimmed(self) -> list[int]:
+        gen = self.generated[: self.cfg.max_new_tokens]
+        if self.eos is not None and self.eos in gen:
+            gen = gen[: gen.index(self.eos) + 1]
+        return gen
+
+    async def flush(self) -> None:
+        """Send the pending commits down the pipeline (a commit-only message), e.g. before inspecting caches."""
+        msg = RoundMsg(self.sid, self.next_round, self.epoch, self.commits, [], TokenTree([], []), self.cfg.sampling)
+        self.commits = []
+        self.next_round += 1
+        await self.pipe.send(msg)

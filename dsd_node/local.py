@@ -1,0 +1,96 @@
+"""The whole engine in one process: every shard, the drafter and the head, for the API and `dsd generate --local`."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+
+from .drafter import Draft, Drafter, DraftRequest
+from .head import GenerationConfig, Head, Stats
+from .messages import RoundMsg, VerdictMsg
+from .models import check_same_tokenizer, load_shard, load_tokenizer, model_num_layers, split_layers
+from .shard_runner import ShardRunner
+from .stage import StageHandler
+from .verify import low_importance_mask
+
+
+class LocalPipeline:
+    """Runs each round through in-process stage handlers, in order, and queues the verdicts."""
+
+    def __init__(self, stages: list[StageHandler]):
+        self.stages = stages
+        self.verdicts: asyncio.Queue[VerdictMsg] = asyncio.Queue()
+
+    async def send(self, msg: RoundMsg) -> None:
+        out: RoundMsg | VerdictMsg | None = msg
+        for stage in self.stages:
+            if not isinstance(out, RoundMsg):
+                break
+            out = stage.handle(out)
+        if isinstance(out, VerdictMsg):
+            self.verdicts.put_nowait(out)
+
+    async def recv(self) -> VerdictMsg:
+        return self.verdicts.get_nowait()
+
+    def end_session(self, session_id: str) -> None:
+        for stage in self.stages:
+            stage.runner.end_session(session_id)
+
+
+class LocalDraftSource:
+    def __init__(self, drafter: Drafter):
+        self.drafter = drafter
+
+    async def draft(self, session_id: str, req: DraftRequest) -> Draft:
+        return self.drafter.draft(session_id, req)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    stats: Stats
+    prompt_tokens: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "stats": self.stats.as_dict()}
+
+
+class LocalEngine:
+    """Target cut into `stages` in-process shards, plus a drafter ("self" drafts with the target)."""
+
+    def __init__(self, model: str = "embedded:target", drafter: str | None = "embedded:drafter", stages: int = 2,
+                 dtype: str = "float32"):
+        self.tokenizer = load_tokenizer(model)
+        if drafter and drafter not in ("self", model):
+            check_same_tokenizer(self.tokenizer, load_tokenizer(drafter), model, drafter)
+        ranges = split_layers(model_num_layers(model), stages)
+        self.handlers = [StageHandler(ShardRunner(load_shard(model, a, b, dtype)),
+                                      low_importance=lambda: low_importance_mask(self.tokenizer)) for a, b in ranges]
+        self.pipeline = LocalPipeline(self.handlers)
+        self.drafter = Drafter(model if drafter == "self" else drafter, dtype) if drafter else None
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    async def generate_async(self, prompt: str | list[int], cfg: GenerationConfig, session_id: str | None = None,
+                             keep_session: bool = False) -> GenerationResult:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        sid = session_id or uuid.uuid4().hex
+        head = Head(sid, self.pipeline, LocalDraftSource(self.drafter) if self.drafter else None, cfg,
+                    self.tokenizer.eos_token_id)
+        try:
+            tokens = await head.run(ids)
+            if keep_session:
+                await head.flush()
+        finally:
+            if not keep_session:
+                self.pipeline.end_session(sid)
+                if self.drafter:
+                    self.drafter.end_session(sid)
+        return GenerationResult(self.tokenizer.decode(tokens), tokens, head.stats, ids)
+
+    def generate(self, prompt: str | list[int], cfg: GenerationConfig, **kw) -> GenerationResult:
+        return asyncio.run(self.generate_async(prompt, cfg, **kw))

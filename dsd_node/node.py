@@ -1,0 +1,152 @@
+"""Assembling and running one node: load what its roles need, serve gRPC, stop cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2
+
+from .drafter import Drafter
+from .messages import Hop
+from .models import ModelError, check_same_tokenizer, load_shard, load_tokenizer, parse_layers, weights_hash
+from .node_cli import install_signal_handlers
+from .node_server import (
+    Channels,
+    DrafterService,
+    GatewayConfig,
+    GatewayService,
+    NodeService,
+    NodeState,
+    StageService,
+    make_server,
+    query_info,
+)
+from .pipeline_client import RemoteDraftSource
+from .proto import dsd_pb2_grpc as rpc
+from .shard_runner import ShardRunner
+from .stage import StageHandler
+from .verify import low_importance_mask
+
+log = logging.getLogger("dsd.node")
+
+
+class RouteIncomplete(RuntimeError):
+    pass
+
+
+def check_route(hops: list[Hop], num_layers: int, model: str) -> None:
+    """A route must cover [0, num_layers) contiguously; name the layers without a host otherwise."""
+    pos = 0
+    for h in hops:
+        if h.layer_start != pos:
+            raise RouteIncomplete(f"no stage hosts layers {pos}:{h.layer_start} of {model}" if h.layer_start > pos
+                                  else f"stages overlap at layer {h.layer_start} ({h.address})")
+        pos = h.layer_end
+    if pos != num_layers:
+        raise RouteIncomplete(f"no stage hosts layers {pos}:{num_layers} of {model}")
+
+
+async def route_from_addresses(addresses: list[str], channels: Channels, model: str, wait_s: float) -> list[Hop]:
+    """Ask each stage for its layers (waiting, with a message, for stages that are not up yet)."""
+    deadline = time.monotonic() + wait_s
+    hops: list[Hop] = []
+    for addr in addresses:
+        while True:
+            try:
+                info = await query_info(channels.get(addr), timeout=2)
+                break
+            except grpc.aio.AioRpcError as e:
+                if time.monotonic() > deadline:
+                    raise RouteIncomplete(f"stage {addr} does not answer ({e.code().name})") from e
+                log.info("waiting for stage %s ...", addr)
+                await asyncio.sleep(1.0)
+        hops.append(Hop(addr, info.layer_start, info.layer_end))
+        num_layers = info.num_layers
+    check_route(hops, num_layers, model)
+    return hops
+
+
+async def run_node(cfg: dict) -> None:
+    roles = cfg["roles"]
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    server, health_servicer = make_server(int(cfg["max_message_mb"]))
+    port = server.add_insecure_port(cfg["listen"])
+    if port == 0:
+        raise SystemExit(f"dsd-node: cannot listen on {cfg['listen']}")
+    host = cfg["listen"].rsplit(":", 1)[0]
+    address = cfg["advertise"] or f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{port}"
+    model = cfg["model"]
+    state = NodeState(role="+".join(roles), address=address, model_id=model, max_sessions=int(cfg["max_sessions"]),
+                      session_ttl_s=float(cfg["session_ttl"]), channels=Channels())
+    stage_handler = drafter = None
+    try:
+        if "stage" in roles:
+            from .models import model_num_layers
+
+            n = model_num_layers(model)
+            a, b = parse_layers(cfg["layers"]) if cfg["layers"] else (0, n)
+            shard = load_shard(model, a, b, cfg["dtype"])
+            tok = load_tokenizer(model) if shard.is_last else None
+            stage_handler = StageHandler(ShardRunner(shard, max_sessions=state.max_sessions),
+                                         low_importance=(lambda: low_importance_mask(tok)) if tok else None)
+            state.num_layers = shard.num_layers
+            rpc.add_StageServicer_to_server(StageService(state, stage_handler), server)
+        drafter_model = cfg["drafter"] if "head" in roles else model
+        if "drafter" in roles or ("head" in roles and cfg["drafter"]):
+            drafter = Drafter(model if drafter_model == "self" else (drafter_model or "embedded:drafter"), cfg["dtype"],
+                              max_sessions=state.max_sessions)
+            rpc.add_DrafterServicer_to_server(DrafterService(drafter), server)
+        if stage_handler or "head" in roles:
+            state.model_hash = weights_hash(model)
+    except (ModelError, ValueError) as e:
+        raise SystemExit(f"dsd-node: {e}") from e
+    rpc.add_NodeServicer_to_server(NodeService(state, stage_handler, drafter), server)
+    gateway = None
+    if "head" in roles:
+        gateway = GatewayService(state, None)
+        rpc.add_GatewayServicer_to_server(gateway, server)
+    await server.start()
+    try:
+        if gateway is not None:
+            gateway.cfg = await _gateway_config(cfg, state, drafter)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        layers = f" layers={stage_handler.runner.shard.start}:{stage_handler.runner.shard.end}" if stage_handler else ""
+        print(f"dsd-node ready: role={state.role} model={model}{layers} listen={address}", flush=True)
+        await stop.wait()
+    except RouteIncomplete as e:
+        print(f"dsd-node: {e}", flush=True)
+        raise SystemExit(2) from e
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2)
+        await state.channels.close()
+        log.info("stopped")
+
+
+async def _gateway_config(cfg: dict, state: NodeState, local_drafter: Drafter | None) -> GatewayConfig:
+    model = cfg["model"]
+    tok = load_tokenizer(model)
+    if cfg["drafter_addr"]:
+        drafter_src = RemoteDraftSource(state.channels.get(cfg["drafter_addr"]), cfg["drafter_addr"])
+    elif local_drafter is not None:
+        from .local import LocalDraftSource
+
+        if cfg["drafter"] not in (None, "self", model):
+            check_same_tokenizer(tok, load_tokenizer(cfg["drafter"]), model, cfg["drafter"])
+        drafter_src = LocalDraftSource(local_drafter)
+    else:
+        drafter_src = None
+    if not cfg["route"]:
+        raise RouteIncomplete("head needs --route ADDR,ADDR,... (stage addresses, first stage first) or --bootstrap")
+    addrs = [a.strip() for a in str(cfg["route"]).split(",") if a.strip()]
+    addrs = [state.address if a == "self" else a for a in addrs]
+    route = await route_from_addresses(addrs, state.channels, model, wait_s=float(cfg["round_timeout"]))
+    log.info("route: %s", " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in route))
+    return GatewayConfig(route, tok, drafter_src, int(cfg["max_inflight"]), float(cfg["round_timeout"]))

@@ -1,0 +1,322 @@
+"""The node daemon's gRPC services: Stage (Forward streams), Drafter, Gateway (Generate + Verdicts), Node (Info), health.
+
+One Forward stream per session per link: the head opens one to the first stage; each stage opens
+one to the next stage of the route the round names; the last stage opens a Verdicts stream to the
+gateway in `reply_to`. A session lives as long as its stream: when the head finishes or cancels,
+the close cascades down the chain and every stage frees the session. A failing stage aborts its
+upstream stream with the error, so the head hears of it within one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from . import __version__
+from .drafter import Drafter, DraftRequest
+from .head import GenerationConfig, GenerationError, Head
+from .messages import Hop, RoundMsg, VerdictMsg
+from .pipeline_client import GRPC_OPTIONS, GrpcPipeline, RemoteDraftSource, StreamLink, rpc_error_text
+from .proto import dsd_pb2 as pb
+from .proto import dsd_pb2_grpc as rpc
+from .shard_runner import SessionLimitError
+from .stage import BadRound, StageHandler
+from .verify import Rule, SamplingParams
+from .wire import WireError, round_from_pb, round_to_pb, sampling_from_pb, tree_to_pb, verdict_from_pb, verdict_to_pb
+
+log = logging.getLogger("dsd.node")
+
+
+class Channels:
+    """One gRPC channel per peer address, shared by all sessions."""
+
+    def __init__(self):
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return self._channels[address]
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+
+@dataclass
+class NodeState:
+    """What every service of one node shares."""
+
+    role: str
+    address: str
+    model_id: str = ""
+    model_hash: str = ""
+    num_layers: int = 0
+    max_sessions: int = 64
+    session_ttl_s: float = 300.0
+    peer_id: str = ""
+    tokens_per_s: float = 0.0
+    channels: Channels = field(default_factory=Channels)
+
+
+class StageService(rpc.StageServicer):
+    def __init__(self, state: NodeState, handler: StageHandler):
+        self.state, self.handler = state, handler
+        self.runner = handler.runner
+
+    async def Forward(self, request_iterator, context):
+        queue: asyncio.Queue[RoundMsg | None] = asyncio.Queue()
+        sid: str | None = None
+        problem: list[tuple[grpc.StatusCode, str]] = []
+
+        async def read() -> None:
+            nonlocal sid
+            try:
+                async for m in request_iterator:
+                    msg = round_from_pb(m)
+                    if sid is None:
+                        sid = msg.session_id
+                        if not sid:
+                            raise WireError("round without a session id")
+                        self.runner.session(sid)  # may raise SessionLimitError
+                    elif msg.session_id != sid:
+                        raise WireError(f"round for session {msg.session_id!r} on the stream of session {sid!r}")
+                    sess = self.runner.sessions.get(sid)
+                    if sess is not None:  # a newer epoch makes the older rounds still queued commit-only
+                        sess.epoch = max(sess.epoch, msg.epoch)
+                    queue.put_nowait(msg)
+            except WireError as e:
+                problem.append((grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+            except SessionLimitError as e:
+                problem.append((grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))
+            finally:
+                queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        down: StreamLink | None = None
+        verdicts = None
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), timeout=self.state.session_ttl_s)
+                except asyncio.TimeoutError:
+                    problem.append((grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"session {sid} idle for {self.state.session_ttl_s:.0f} s: expired"))
+                    break
+                if msg is None:
+                    break
+                try:
+                    out = await asyncio.to_thread(self.handler.handle, msg)
+                except BadRound as e:
+                    problem.append((grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+                    break
+                except SessionLimitError as e:
+                    problem.append((grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))
+                    break
+                if isinstance(out, RoundMsg):
+                    if down is None:
+                        if out.hop >= len(out.route):
+                            problem.append((grpc.StatusCode.INVALID_ARGUMENT, "route ends before the last layer"))
+                            break
+                        nxt = out.route[out.hop].address
+                        down = StreamLink(nxt, self.state.channels.get(nxt))
+                    try:
+                        await down.write(round_to_pb(out))
+                    except GenerationError as e:
+                        problem.append((grpc.StatusCode.UNAVAILABLE, str(e)))
+                        break
+                elif isinstance(out, VerdictMsg):
+                    try:
+                        if verdicts is None:
+                            verdicts = rpc.GatewayStub(self.state.channels.get(msg.reply_to)).Verdicts()
+                        await verdicts.write(verdict_to_pb(out))
+                    except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+                        problem.append((grpc.StatusCode.UNAVAILABLE, f"gateway {msg.reply_to} unreachable: {e}"))
+                        break
+                if down is not None and down.failed.done():
+                    code, details = down.failed.result()
+                    problem.append((code, details))
+                    break
+        finally:
+            reader.cancel()
+            if down is not None:
+                await down.close(cancel=bool(problem))
+            if verdicts is not None:
+                with contextlib.suppress(Exception):
+                    await verdicts.done_writing()
+            if sid is not None:
+                self.runner.end_session(sid)
+        if problem:
+            code, details = problem[0]
+            log.warning("session %s: %s %s", sid, code.name, details)
+            await context.abort(code, details)
+
+    async def EndSession(self, request, context):
+        if not self.runner.end_session(request.session_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session id {request.session_id!r}")
+        return pb.EndSessionReply()
+
+
+class DrafterService(rpc.DrafterServicer):
+    def __init__(self, drafter: Drafter):
+        self.drafter = drafter
+
+    async def Draft(self, request, context):
+        if not request.context:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "draft request with an empty context")
+        if not 1 <= request.depth <= 64:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "draft depth must be between 1 and 64")
+        if any(not 0 <= t < self.drafter.vocab_size for t in request.context):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "context token outside the vocabulary")
+        req = DraftRequest(list(request.context), request.depth, request.branch, request.branch_depth,
+                           sampling_from_pb(request.sampling))
+        d = await asyncio.to_thread(self.drafter.draft, request.session_id or "anonymous", req)
+        return pb.DraftReply(tree=tree_to_pb(d.tree), main_path=d.main_path, draft_ms=d.draft_ms)
+
+    async def EndSession(self, request, context):
+        if not self.drafter.end_session(request.session_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session id {request.session_id!r}")
+        return pb.EndSessionReply()
+
+
+@dataclass
+class GatewayConfig:
+    route: list[Hop]
+    tokenizer: object
+    drafter: object | None  # a DraftSource
+    default_max_inflight: int = 3
+    round_timeout_s: float = 60.0
+
+
+class GatewayService(rpc.GatewayServicer):
+    def __init__(self, state: NodeState, cfg: GatewayConfig | None):
+        self.state, self.cfg = state, cfg
+        self.sessions: dict[str, asyncio.Queue] = {}
+
+    def _config(self, req: pb.GenerateRequest) -> GenerationConfig:
+        s = req.sampling
+        rule = Rule(s.rule) if s.rule in (0, 1, 2) else None
+        if rule is None:
+            raise ValueError(f"unknown sampling rule {s.rule}")
+        sampling = SamplingParams.create(s.temperature if rule == Rule.SAMPLE else 0.0, s.top_p or 1.0, s.seed,
+                                         rule == Rule.ADAPTIVE, s.adaptive_margin or 0.15, s.adaptive_tie_margin or 0.02)
+        return GenerationConfig(mode=req.mode or "si", max_new_tokens=req.max_new_tokens or 64,
+                                draft_k=req.draft_k or 4, max_inflight=req.max_inflight or self.cfg.default_max_inflight,
+                                sampling=sampling, ignore_eos=req.ignore_eos)
+
+    async def Generate(self, request, context):
+        if self.cfg is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is still building its route; retry shortly")
+        try:
+            gcfg = self._config(request)
+            gcfg.validate()
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        tok = self.cfg.tokenizer
+        ids = list(request.prompt_tokens) or tok(request.prompt)["input_ids"]
+        if not ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
+        if any(not 0 <= t < len(tok) for t in ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt token outside the vocabulary")
+        if gcfg.mode != "ar" and self.cfg.drafter is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"mode {gcfg.mode} needs a drafter; this gateway has none")
+        sid = uuid.uuid4().hex
+        verdicts: asyncio.Queue = asyncio.Queue()
+        self.sessions[sid] = verdicts
+        pipe = GrpcPipeline(sid, self.cfg.route, self.state.address, self.state.channels.get(self.cfg.route[0].address),
+                            verdicts, self.cfg.round_timeout_s)
+        decoded_upto = 0
+
+        async def on_tokens(new: list[int]) -> None:
+            nonlocal decoded_upto
+            gen = head.generated[: len(head._trimmed())]
+            text = tok.decode(gen)
+            await context.write(pb.GenerateEvent(tokens=new, text=text[decoded_upto:]))
+            decoded_upto = len(text)
+
+        head = Head(sid, pipe, self.cfg.drafter, gcfg, tok.eos_token_id, on_tokens)
+        failure = None
+        try:
+            await head.run(ids)
+        except GenerationError as e:
+            failure = str(e)
+        finally:
+            self.sessions.pop(sid, None)
+            await pipe.close(cancel=failure is not None)
+            if isinstance(self.cfg.drafter, RemoteDraftSource):
+                await self.cfg.drafter.end_session(sid)
+            elif self.cfg.drafter is not None:
+                self.cfg.drafter.drafter.end_session(sid)
+        if failure:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if "RESOURCE_EXHAUSTED" in failure else grpc.StatusCode.UNAVAILABLE
+            if "INVALID_ARGUMENT" in failure:
+                code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, failure)
+        st = head.stats
+        await context.write(pb.GenerateEvent(stats=pb.Stats(
+            rounds=st.rounds, rounds_wasted=st.rounds_wasted, accepted_per_round=st.accepted_per_round,
+            tokens_per_s=st.tokens_per_s, ms_per_token=st.ms_per_token, new_tokens=st.new_tokens,
+            inflight=st.inflight, mode=st.mode, draft_ms=st.draft_ms, wall_ms=st.wall_ms)))
+
+    async def Verdicts(self, request_iterator, context):
+        async for m in request_iterator:
+            q = self.sessions.get(m.session_id)
+            if q is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session id {m.session_id!r}")
+            q.put_nowait(verdict_from_pb(m))
+        return pb.VerdictAck()
+
+
+class NodeService(rpc.NodeServicer):
+    def __init__(self, state: NodeState, stage: StageHandler | None, drafter: Drafter | None):
+        self.state, self.stage, self.drafter = state, stage, drafter
+
+    async def Info(self, request, context):
+        st = self.state
+        sh = self.stage.runner.shard if self.stage else None
+        sessions = len(self.stage.runner.sessions) if self.stage else len(self.drafter.sessions) if self.drafter else 0
+        return pb.NodeInfo(role=st.role, model=st.model_id, model_hash=st.model_hash,
+                           layer_start=sh.start if sh else 0, layer_end=sh.end if sh else 0,
+                           num_layers=st.num_layers, version=__version__, sessions=sessions,
+                           max_sessions=st.max_sessions, peer_id=st.peer_id, address=st.address,
+                           tokens_per_s=st.tokens_per_s, dtype=str(sh.dtype).removeprefix("torch.") if sh else "")
+
+
+async def query_info(channel: grpc.aio.Channel, timeout: float = 5.0) -> pb.NodeInfo:
+    return await rpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=timeout)
+
+
+async def wait_healthy(address: str, timeout: float = 60.0) -> None:
+    """Wait until the node at `address` reports SERVING on the standard health service."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError as e:
+                last = rpc_error_text(e)
+            else:
+                last = "not serving yet"
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node at {address} not healthy after {timeout:.0f} s ({last})")
+            await asyncio.sleep(0.2)
+
+
+def make_server(max_message_mb: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    opts = [("grpc.max_receive_message_length", max_message_mb << 20), ("grpc.max_send_message_length", 256 << 20),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+    server = grpc.aio.server(options=opts)
+    hs = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    return server, hs

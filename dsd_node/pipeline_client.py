@@ -1,0 +1,119 @@
+"""The head's side of the network pipeline: one Forward stream to the first stage per session, verdicts
+arriving on the gateway's Verdicts service, and a remote drafter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from .drafter import Draft, DraftRequest
+from .head import GenerationError
+from .messages import Hop, RoundMsg, VerdictMsg
+from .proto import dsd_pb2 as pb
+from .proto import dsd_pb2_grpc as rpc
+from .wire import round_to_pb, sampling_to_pb, tree_from_pb
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+
+
+def rpc_error_text(e: grpc.aio.AioRpcError) -> str:
+    return f"{e.code().name}: {e.details()}"
+
+
+class StreamLink:
+    """A Forward stream to one stage for one session: writes rounds, and notices when the stream fails."""
+
+    def __init__(self, address: str, channel: grpc.aio.Channel):
+        self.address = address
+        self.call = rpc.StageStub(channel).Forward()
+        self.failed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._watch = asyncio.create_task(self._watch_replies())
+
+    async def _watch_replies(self) -> None:
+        try:
+            async for _ in self.call:
+                pass
+            status = await self.call.code()
+            if status != grpc.StatusCode.OK and not self.failed.done():
+                self.failed.set_result((status, await self.call.details()))
+        except grpc.aio.AioRpcError as e:
+            if not self.failed.done():
+                self.failed.set_result((e.code(), e.details()))
+        except asyncio.CancelledError:
+            pass
+
+    async def write(self, msg: pb.Round) -> None:
+        if self.failed.done():
+            code, details = self.failed.result()
+            raise GenerationError(f"stage at {self.address} failed: {code.name}: {details}")
+        try:
+            await self.call.write(msg)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+            raise GenerationError(f"stage at {self.address} is unreachable: {e}") from e
+
+    async def close(self, cancel: bool = False) -> None:
+        if cancel:
+            self.call.cancel()
+        else:
+            try:
+                await self.call.done_writing()
+            except Exception:
+                self.call.cancel()
+        self._watch.cancel()
+
+
+class GrpcPipeline:
+    """The Pipeline of a head session over the network (see dsd_node.head.Pipeline)."""
+
+    def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
+                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0):
+        self.session_id, self.route, self.reply_to = session_id, route, reply_to
+        self.verdicts = verdicts
+        self.round_timeout_s = round_timeout_s
+        self.link = StreamLink(route[0].address, channel)
+
+    async def send(self, msg: RoundMsg) -> None:
+        msg.route, msg.hop, msg.reply_to = self.route, 0, self.reply_to
+        await self.link.write(round_to_pb(msg))
+
+    async def recv(self) -> VerdictMsg:
+        get = asyncio.ensure_future(self.verdicts.get())
+        done, _ = await asyncio.wait({get, self.link.failed}, timeout=self.round_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            return get.result()
+        get.cancel()
+        if self.link.failed in done:
+            code, details = self.link.failed.result()
+            raise GenerationError(f"pipeline failed: {code.name}: {details}")
+        raise GenerationError(f"no verdict within {self.round_timeout_s:.0f} s: a stage is stuck or unreachable")
+
+    async def close(self, cancel: bool = False) -> None:
+        await self.link.close(cancel)
+
+
+class RemoteDraftSource:
+    """A drafter node reached over gRPC."""
+
+    def __init__(self, channel: grpc.aio.Channel, address: str):
+        self.stub = rpc.DrafterStub(channel)
+        self.address = address
+
+    async def draft(self, session_id: str, req: DraftRequest) -> Draft:
+        t0 = time.perf_counter()
+        try:
+            r = await self.stub.Draft(pb.DraftRequest(
+                session_id=session_id, context=req.context, depth=req.depth, branch=req.branch,
+                branch_depth=req.branch_depth, sampling=sampling_to_pb(req.sampling)), timeout=60)
+        except grpc.aio.AioRpcError as e:
+            raise GenerationError(f"drafter at {self.address} failed: {rpc_error_text(e)}") from e
+        return Draft(tree_from_pb(r.tree), list(r.main_path), (time.perf_counter() - t0) * 1e3)
+
+    async def end_session(self, session_id: str) -> None:
+        try:
+            await self.stub.EndSession(pb.SessionRef(session_id=session_id), timeout=5)
+        except grpc.aio.AioRpcError:
+            pass

@@ -1,0 +1,93 @@
+"""Runs one pipeline shard on token trees: per-session KV caches, one forward pass per round."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_cache import TreeKVCache
+from .models import Shard
+from .tree import TokenTree, tree_attention
+from .verify import VerifierSession
+
+
+class SessionLimitError(RuntimeError):
+    """The shard holds as many sessions (or as much KV memory) as it is allowed to."""
+
+
+@dataclass
+class ShardSession:
+    cache: TreeKVCache = field(default_factory=TreeKVCache)
+    last_used: float = field(default_factory=time.monotonic)
+    epoch: int = 0  # newest epoch seen: rounds of older epochs are stale
+    verifier: VerifierSession | None = None  # last shard only
+
+
+class ShardRunner:
+    """Layers [start, end) of a target model, serving many sessions.
+
+    `forward` takes the round's tree and, for every shard but the first, the hidden states of its
+    nodes; it returns hidden states for the next shard, or logits [n, vocab] on the last shard.
+    """
+
+    def __init__(self, shard: Shard, max_sessions: int = 64, max_kv_bytes: int | None = None):
+        self.shard = shard
+        self.max_sessions = max_sessions
+        self.max_kv_bytes = max_kv_bytes
+        self.sessions: dict[str, ShardSession] = {}
+
+    def session(self, session_id: str, create: bool = True) -> ShardSession:
+        s = self.sessions.get(session_id)
+        if s is None:
+            if not create:
+                raise KeyError(session_id)
+            if len(self.sessions) >= self.max_sessions:
+                raise SessionLimitError(f"node is full: {len(self.sessions)}/{self.max_sessions} sessions in use, retry later")
+            if self.max_kv_bytes is not None and self.kv_bytes() >= self.max_kv_bytes:
+                raise SessionLimitError(f"node is full: KV cache memory {self.kv_bytes()} >= {self.max_kv_bytes} bytes")
+            s = self.sessions[session_id] = ShardSession()
+        s.last_used = time.monotonic()
+        return s
+
+    def end_session(self, session_id: str) -> bool:
+        return self.sessions.pop(session_id, None) is not None
+
+    def expire(self, ttl_s: float) -> list[str]:
+        now = time.monotonic()
+        old = [sid for sid, s in self.sessions.items() if now - s.last_used > ttl_s]
+        for sid in old:
+            del self.sessions[sid]
+        return old
+
+    def kv_bytes(self) -> int:
+        return sum(s.cache.nbytes() for s in self.sessions.values())
+
+    def apply(self, session_id: str, commits: list[tuple[int, list[int]]], keep_rounds: set[int]) -> None:
+        """Apply verdicts (in order), then drop every tentative segment not in keep_rounds."""
+        cache = self.session(session_id).cache
+        for rid, keep in commits:
+            cache.commit(rid, keep)
+        cache.retain(keep_rounds)
+
+    @torch.inference_mode()
+    def forward(self, session_id: str, round_id: int, base: list[tuple[int, list[int]]], tree: TokenTree,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        sh = self.shard
+        cache = self.session(session_id).cache
+        ctx = cache.begin(round_id, base, len(tree))
+        mask, pos = tree_attention(tree.parents, ctx, sh.dtype)
+        if sh.is_first:
+            h = sh.embed(torch.tensor([tree.tokens], dtype=torch.long))
+            if sh.pos_embed is not None:
+                h = h + sh.pos_embed(pos)
+        else:
+            h = hidden
+        pos_emb = sh.rotary(h, position_ids=pos) if sh.rotary is not None else None
+        for layer in sh.layers:
+            out = layer(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, position_embeddings=pos_emb)
+            h = out[0] if isinstance(out, tuple) else out
+        if sh.is_last:
+            return sh.head(sh.norm(h))[0].float()
+        return h

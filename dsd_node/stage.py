@@ -1,0 +1,92 @@
+"""What a stage does with one round message: the rules shared by the gRPC node and the in-process pipeline.
+
+1. A round of an epoch older than the newest seen is stale: its tree is not computed, but its
+   commits still apply (they are not repeated later) and it travels on as a commit-only message.
+2. Commits are applied in order, then every tentative segment the round does not build on is dropped.
+3. The shard runs the tree; a middle stage passes hidden states on, the last stage verifies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from .messages import RoundMsg, VerdictMsg
+from .shard_runner import ShardRunner
+from .tree import TokenTree
+from .verify import Rule, VerifierSession
+
+
+class BadRound(ValueError):
+    """A round this stage cannot run: wrong layers, wrong tensor shape or dtype, malformed tree."""
+
+
+class StageHandler:
+    def __init__(self, runner: ShardRunner, low_importance: Callable[[], torch.Tensor] | None = None):
+        self.runner = runner
+        self._low_importance_fn = low_importance
+        self._low_importance: torch.Tensor | None = None
+
+    def low_importance(self) -> torch.Tensor | None:
+        if self._low_importance is None and self._low_importance_fn is not None:
+            self._low_importance = self._low_importance_fn()
+        return self._low_importance
+
+    def check(self, msg: RoundMsg) -> None:
+        """Refuse a round that does not fit this shard (before touching any state)."""
+        sh = self.runner.shard
+        if msg.route:
+            if not 0 <= msg.hop < len(msg.route):
+                raise BadRound(f"hop {msg.hop} is outside the route of {len(msg.route)} stages")
+            want = msg.route[msg.hop]
+            if (want.layer_start, want.layer_end) != (sh.start, sh.end):
+                raise BadRound(f"round is for layers {want.layer_start}:{want.layer_end}, this node hosts {sh.start}:{sh.end}")
+        if not msg.tree.tokens:
+            return
+        try:
+            msg.tree.validate(sh.config.vocab_size)
+        except ValueError as e:
+            raise BadRound(str(e)) from e
+        if sh.is_first:
+            return
+        h = msg.hidden
+        if h is None:
+            raise BadRound(f"stage {sh.start}:{sh.end} needs hidden states, the round carries none")
+        if h.dtype != sh.dtype:
+            raise BadRound(f"hidden states are {h.dtype}, this stage runs {sh.dtype}")
+        if tuple(h.shape) != (1, len(msg.tree), sh.hidden_size):
+            raise BadRound(f"hidden states have shape {tuple(h.shape)}, expected {(1, len(msg.tree), sh.hidden_size)}")
+
+    def handle(self, msg: RoundMsg) -> RoundMsg | VerdictMsg | None:
+        """Run one round. Returns the message for the next stage, the verdict (last stage), or None."""
+        self.check(msg)
+        sh = self.runner.shard
+        sess = self.runner.session(msg.session_id)
+        if msg.epoch < sess.epoch and msg.tree.tokens:
+            msg = replace(msg, tree=TokenTree([], []), hidden=None, base=[])
+        sess.epoch = max(sess.epoch, msg.epoch)
+        try:
+            self.runner.apply(msg.session_id, msg.commits, {rid for rid, _ in msg.base})
+        except ValueError as e:
+            raise BadRound(str(e)) from e
+        if sh.is_last:
+            if sess.verifier is None:
+                sess.verifier = VerifierSession(msg.sampling)
+            for rid, _ in msg.commits:
+                sess.verifier.commit(rid)
+        if not msg.tree.tokens:
+            return None if sh.is_last else replace(msg, hop=msg.hop + 1)
+        try:
+            out = self.runner.forward(msg.session_id, msg.round_id, msg.base, msg.tree, msg.hidden)
+        except ValueError as e:
+            raise BadRound(str(e)) from e
+        if not sh.is_last:
+            return replace(msg, hidden=out, hop=msg.hop + 1)
+        t0 = time.perf_counter()
+        low = self.low_importance() if msg.sampling.rule == Rule.ADAPTIVE else None
+        res = sess.verifier.verify(msg.round_id, msg.base, msg.tree, out, low)
+        return VerdictMsg(msg.session_id, msg.round_id, msg.epoch, res.stale, res.accepted, res.tokens,
+                          (time.perf_counter() - t0) * 1e3)

@@ -1,0 +1,62 @@
+"""Shared fixtures: the embedded model pair, reference Hugging Face models, random-weight models."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from dsd_node.models import resolve_model_path
+
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "class Stack:\n    def __init__(self):\n        self.",
+    "for i in range(10):\n    if i % 2 == 0:\n",
+    "    return [x for x in",
+    "# Parse the command line arguments\n",
+]
+
+
+def hf_greedy(model, prompt_ids: list[int], n: int, eos: int | None = None) -> list[int]:
+    """The reference: Hugging Face generate(), greedy, on the unsharded model."""
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def target_path() -> str:
+    return str(resolve_model_path("embedded:target"))
+
+
+@pytest.fixture(scope="session")
+def reference(target_path):
+    return AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from dsd_node.models import load_tokenizer
+
+    return load_tokenizer("embedded:target")
+
+
+def save_random_llama(path: Path, layers: int, hidden: int, seed: int) -> str:
+    """A Llama model with random weights and the embedded tokenizer (a drafter that is often wrong)."""
+    torch.manual_seed(seed)
+    src = resolve_model_path("embedded:target")
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=2 * hidden, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    for f in src.glob("tokenizer*"):
+        shutil.copy(f, path / f.name)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def random_drafter(tmp_path_factory) -> str:
+    return save_random_llama(tmp_path_factory.mktemp("random_drafter"), layers=1, hidden=64, seed=1)
