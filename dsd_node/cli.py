@@ -92,11 +92,19 @@ def _print_stats(st: dict) -> None:
 
 
 def cmd_testnet(args: argparse.Namespace) -> int:
-    from .testnet import Testnet, plan
+    from .testnet import Testnet, plan, plan_discovery
 
-    specs = plan(args.stages, args.model, args.drafter, threads=args.threads)
+    wired = args.no_discovery or args.link_delay_ms > 0 or args.colocate
+    if wired:
+        specs = plan(args.stages, args.model, args.drafter, threads=args.threads, link_delay_ms=args.link_delay_ms,
+                     colocate=args.colocate)
+        what = f"{args.stages} stages + drafter + head, wired by address"
+    else:
+        specs = plan_discovery(args.stages, args.replicas, args.model, args.drafter, threads=args.threads)
+        what = (f"bootstrap + {args.stages} shards x {args.replicas} replicas + drafter + head, "
+                "found through libp2p discovery")
     net = Testnet(specs, log_dir=args.log_dir)
-    print(f"starting testnet: {args.stages} stages + drafter + head (logs in {net.log_dir})", file=sys.stderr)
+    print(f"starting testnet: {what} (logs in {net.log_dir})", file=sys.stderr)
 
     async def body() -> int:
         try:
@@ -104,9 +112,18 @@ def cmd_testnet(args: argparse.Namespace) -> int:
         except RuntimeError as e:
             print(f"dsd: testnet failed to start: {e}", file=sys.stderr)
             return 1
-        route = " -> ".join(f"{s.name}[{s.args[s.args.index('--layers') + 1]}]@{s.address}"
-                            for s in specs if s.name.startswith("stage"))
+        if wired:
+            route = " -> ".join(f"{s.name}[{s.args[s.args.index('--layers') + 1]}]@{s.address}"
+                                for s in sorted(specs, key=lambda s: s.name != "head") if "--layers" in s.args)
+        else:
+            route = net.tail("head", 50).split("dsd-node route: ")[-1].splitlines()[0]
+            head = specs[-1].args
+            boot = head[head.index("--bootstrap") + 1]
+            print(f"bootstrap: {boot}\n  see the network: dsd route --bootstrap {boot}", file=sys.stderr)
         print(f"route: head -> {route} -> head", file=sys.stderr)
+        if args.link_delay_ms:
+            print(f"links: userspace link emulator, {args.link_delay_ms:g} ms one-way into every node "
+                  "(this kernel has no netem qdisc; see netem/)", file=sys.stderr)
         print(f"gateway: {net.gateway}", file=sys.stderr)
         if args.generate is not None:
             return await _generate_remote(net.gateway, args.generate, generation_config(args), args.json)
@@ -126,6 +143,41 @@ def cmd_testnet(args: argparse.Namespace) -> int:
         return 0
     finally:
         net.down()
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    async def body() -> int:
+        from .node_server import Channels
+        from .p2p.discovery import Discovery, DiscoveryError
+        from .p2p.identity import Identity
+        from .peers import discover_route, probe_rtt
+        from .routing import RouteError, format_route_table
+
+        d = Discovery(Identity.generate(), bootstrap=args.bootstrap)
+        channels = Channels()
+        try:
+            await d.start()
+            records = await d.find(args.model)
+            rtts = await asyncio.gather(*(probe_rtt(channels, r.grpc_address) for r in records))
+            rtt = {r.peer_id: t for r, t in zip(records, rtts, strict=True) if t is not None}
+            print(format_route_table(records, rtt) if records else f"no node announces model {args.model}")
+            stages = [r for r in records if r.role == "stage"]
+            if stages:
+                try:
+                    hops, _ = await discover_route(d, channels, args.model, None, stages[0].num_layers)
+                    print("route: " + " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in hops))
+                except RouteError as e:
+                    print(f"no complete route: {e}")
+                    return 1
+            return 0 if records else 1
+        except DiscoveryError as e:
+            print(f"dsd: {e}", file=sys.stderr)
+            return 1
+        finally:
+            await channels.close()
+            await d.stop()
+
+    return asyncio.run(body())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,10 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="embedded:target")
     up.add_argument("--drafter", default="embedded:drafter")
     up.add_argument("--threads", type=int, default=1, help="torch threads per node process (default 1)")
+    up.add_argument("--replicas", type=int, default=1, help="copies of each shard (failover targets; default 1)")
+    up.add_argument("--no-discovery", action="store_true",
+                    help="wire nodes by address instead of a bootstrap peer and libp2p discovery")
+    up.add_argument("--link-delay-ms", type=float, default=0.0,
+                    help="one-way delay added to every link into a node (userspace link emulator)")
+    up.add_argument("--colocate", action="store_true", help="run the head and drafter inside the first stage's process")
     up.add_argument("--log-dir", default=None, help="where node logs go (default: a temporary folder)")
     up.add_argument("--generate", metavar="PROMPT", help="run one generation through the testnet, then stop it")
     add_generation_flags(up)
     up.set_defaults(func=cmd_testnet)
+
+    r = sub.add_parser("route", help="show the nodes of a network and the route a head would take",
+                       description="Join the network through a bootstrap peer, list every announced node "
+                                   "(peer, role, layers, address, RTT, load) and the cheapest complete route.")
+    r.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR",
+                   help="bootstrap peer, e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... (repeatable)")
+    r.add_argument("--model", default="embedded:target", help="model id the stages announce (default embedded:target)")
+    r.set_defaults(func=cmd_route)
     return ap
 
 

@@ -43,7 +43,8 @@ def stats_dict(s: pb.Stats) -> dict:
     return {"mode": s.mode, "rounds": s.rounds, "rounds_wasted": s.rounds_wasted,
             "accepted_per_round": list(s.accepted_per_round), "inflight": list(s.inflight),
             "new_tokens": s.new_tokens, "tokens_per_s": round(s.tokens_per_s, 2),
-            "ms_per_token": round(s.ms_per_token, 3), "draft_ms": round(s.draft_ms, 2), "wall_ms": round(s.wall_ms, 2)}
+            "ms_per_token": round(s.ms_per_token, 3), "draft_ms": round(s.draft_ms, 2), "wall_ms": round(s.wall_ms, 2),
+            "failovers": s.failovers}
 
 
 class DsdClient:

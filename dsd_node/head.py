@@ -215,7 +215,7 @@ class Head:
             if not self.inflight or v.round_id != self.inflight[0].round_id:
                 continue  # a verdict for a round already given up (an older epoch)
             self._on_verdict(v)
-            out = self._trimmed()
+            out = self.trimmed()
             if self.on_tokens and len(out) > emitted:
                 await self.on_tokens(out[emitted:])
             emitted = len(out)
@@ -224,11 +224,11 @@ class Head:
             while len(self.inflight) < self._depth_limit() and \
                     len(self.generated) + self._speculated() < self.cfg.max_new_tokens:
                 await self._send_round(None)
-        self.stats.new_tokens = len(self._trimmed())
+        self.stats.new_tokens = len(self.trimmed())
         self.stats.wall_ms = (time.perf_counter() - t0) * 1e3
-        return self._trimmed()
+        return self.trimmed()
 
-    def _trimmed(self) -> list[int]:
+    def trimmed(self) -> list[int]:
         gen = self.generated[: self.cfg.max_new_tokens]
         if self.eos is not None and self.eos in gen:
             gen = gen[: gen.index(self.eos) + 1]

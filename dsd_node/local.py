@@ -46,6 +46,9 @@ class LocalDraftSource:
     async def draft(self, session_id: str, req: DraftRequest) -> Draft:
         return self.drafter.draft(session_id, req)
 
+    async def end_session(self, session_id: str) -> None:
+        self.drafter.end_session(session_id)
+
 
 @dataclass
 class GenerationResult:

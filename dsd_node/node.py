@@ -10,6 +10,8 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
+from netem.link_emulator import LinkConfig, LinkEmulator, emulator_requested
+
 from .drafter import Drafter
 from .messages import Hop
 from .models import ModelError, check_same_tokenizer, load_shard, load_tokenizer, parse_layers, weights_hash
@@ -29,6 +31,7 @@ from .pipeline_client import RemoteDraftSource
 from .proto import dsd_pb2_grpc as rpc
 from .shard_runner import ShardRunner
 from .stage import StageHandler
+from .tree import TokenTree
 from .verify import low_importance_mask
 
 log = logging.getLogger("dsd.node")
@@ -77,11 +80,22 @@ async def run_node(cfg: dict) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     server, health_servicer = make_server(int(cfg["max_message_mb"]))
-    port = server.add_insecure_port(cfg["listen"])
+    host, _, want_port = cfg["listen"].rpartition(":")
+    emulator = None
+    if emulator_requested():  # userspace link emulation in front of our port (no kernel netem here)
+        internal = server.add_insecure_port("127.0.0.1:0")
+        emulator = LinkEmulator(host, int(want_port), "127.0.0.1", internal, LinkConfig.from_env())
+        await emulator.start()
+        port = emulator.port
+        log.info("link emulator on %s:%d -> 127.0.0.1:%d (%s)", host, port, internal, emulator.config.describe())
+        self_address = f"127.0.0.1:{internal}"
+    else:
+        port = server.add_insecure_port(cfg["listen"])
+        self_address = None
     if port == 0:
         raise SystemExit(f"dsd-node: cannot listen on {cfg['listen']}")
-    host = cfg["listen"].rsplit(":", 1)[0]
     address = cfg["advertise"] or f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{port}"
+    self_address = self_address or address
     model = cfg["model"]
     state = NodeState(role="+".join(roles), address=address, model_id=model, max_sessions=int(cfg["max_sessions"]),
                       session_ttl_s=float(cfg["session_ttl"]), channels=Channels())
@@ -107,15 +121,32 @@ async def run_node(cfg: dict) -> None:
             state.model_hash = weights_hash(model)
     except (ModelError, ValueError) as e:
         raise SystemExit(f"dsd-node: {e}") from e
+    if stage_handler is not None:
+        state.tokens_per_s = measure_tokens_per_s(stage_handler.runner)
     rpc.add_NodeServicer_to_server(NodeService(state, stage_handler, drafter), server)
     gateway = None
     if "head" in roles:
         gateway = GatewayService(state, None)
         rpc.add_GatewayServicer_to_server(gateway, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    discovery = None
+    tasks: list[asyncio.Task] = []
     try:
+        if "bootstrap" in roles or cfg["bootstrap"] or cfg["listen_p2p"]:
+            from .peers import start_discovery
+
+            discovery = await start_discovery(cfg["identity"], state.role, cfg["listen_p2p"] or
+                                              ("/ip4/0.0.0.0/tcp/4001" if "bootstrap" in roles else None), cfg["bootstrap"])
+            state.peer_id = discovery.peer_id
+            print(f"dsd-node p2p: peer id {discovery.peer_id} listening on {' '.join(discovery.listen_addrs)}", flush=True)
+            for role, kind in (("stage", stage_handler), ("drafter", drafter)):
+                if kind is not None:
+                    tasks.append(asyncio.create_task(discovery.run_announcer(
+                        _record_fn(state, role, stage_handler, drafter, float(cfg["announce_ttl"])),
+                        float(cfg["announce_ttl"]) / 3)))
         if gateway is not None:
-            gateway.cfg = await _gateway_config(cfg, state, drafter)
+            gateway.cfg = await _gateway_config(cfg, state, drafter, self_address, discovery)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         layers = f" layers={stage_handler.runner.shard.start}:{stage_handler.runner.shard.end}" if stage_handler else ""
         print(f"dsd-node ready: role={state.role} model={model}{layers} listen={address}", flush=True)
@@ -124,13 +155,48 @@ async def run_node(cfg: dict) -> None:
         print(f"dsd-node: {e}", flush=True)
         raise SystemExit(2) from e
     finally:
+        for t in tasks:
+            t.cancel()
+        if discovery is not None:
+            try:
+                await asyncio.wait_for(discovery.withdraw(), 3)
+            except Exception as e:  # leaving anyway: the record expires on its own
+                log.info("withdraw failed: %s", e)
+            await discovery.stop()
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2)
         await state.channels.close()
+        if emulator is not None:
+            await emulator.close()
         log.info("stopped")
 
 
-async def _gateway_config(cfg: dict, state: NodeState, local_drafter: Drafter | None) -> GatewayConfig:
+def measure_tokens_per_s(runner: ShardRunner, n: int = 32) -> float:
+    """Throughput of this shard on a prefill of n tokens (announced; routes prefer fast nodes)."""
+    sh = runner.shard
+    tree = TokenTree.chain([0] * n, n_given=n)
+    hidden = None if sh.is_first else torch.zeros(1, n, sh.hidden_size, dtype=sh.dtype)
+    t0 = time.perf_counter()
+    runner.forward("__probe__", 0, [], tree, hidden)
+    runner.end_session("__probe__")
+    return n / max(1e-6, time.perf_counter() - t0)
+
+
+def _record_fn(state: NodeState, role: str, stage: StageHandler | None, drafter: Drafter | None, ttl_s: float):
+    from .peers import make_record
+
+    def record():
+        sh = stage.runner.shard if role == "stage" else None
+        sessions = len(stage.runner.sessions) if role == "stage" else len(drafter.sessions)
+        return make_record(state.peer_id, role, state.model_id if sh else drafter.model_id, state.model_hash if sh else "",
+                           sh.start if sh else 0, sh.end if sh else 0, state.num_layers if sh else 0, state.address,
+                           state.tokens_per_s, sessions, state.max_sessions, ttl_s)
+
+    return record
+
+
+async def _gateway_config(cfg: dict, state: NodeState, local_drafter: Drafter | None, self_address: str,
+                          discovery=None) -> GatewayConfig:
     model = cfg["model"]
     tok = load_tokenizer(model)
     if cfg["drafter_addr"]:
@@ -143,10 +209,24 @@ async def _gateway_config(cfg: dict, state: NodeState, local_drafter: Drafter | 
         drafter_src = LocalDraftSource(local_drafter)
     else:
         drafter_src = None
-    if not cfg["route"]:
+    reroute = None
+    if cfg["route"]:
+        addrs = [a.strip() for a in str(cfg["route"]).split(",") if a.strip()]
+        addrs = [self_address if a == "self" else a for a in addrs]  # our own stage: no emulated link
+        route = await route_from_addresses(addrs, state.channels, model, wait_s=float(cfg["round_timeout"]))
+    elif discovery is not None:
+        from .models import model_num_layers
+        from .peers import RouteFinder
+        from .routing import RouteError
+
+        finder = RouteFinder(discovery, state.channels, model, state.model_hash, model_num_layers(model),
+                             say=lambda m: print(f"dsd-node: {m}", flush=True))
+        try:
+            route = await finder.route(wait_s=float(cfg["route_wait"]))
+        except RouteError as e:
+            raise RouteIncomplete(str(e)) from e
+        reroute = finder.reroute
+    else:
         raise RouteIncomplete("head needs --route ADDR,ADDR,... (stage addresses, first stage first) or --bootstrap")
-    addrs = [a.strip() for a in str(cfg["route"]).split(",") if a.strip()]
-    addrs = [state.address if a == "self" else a for a in addrs]
-    route = await route_from_addresses(addrs, state.channels, model, wait_s=float(cfg["round_timeout"]))
-    log.info("route: %s", " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in route))
-    return GatewayConfig(route, tok, drafter_src, int(cfg["max_inflight"]), float(cfg["round_timeout"]))
+    print("dsd-node route: " + " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in route), flush=True)
+    return GatewayConfig(route, tok, drafter_src, int(cfg["max_inflight"]), float(cfg["round_timeout"]), reroute)

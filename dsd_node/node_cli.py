@@ -22,6 +22,7 @@ DEFAULTS = {
     "drafter_addr": None, "route": None, "dtype": "float32", "threads": 0, "max_sessions": 64,
     "session_ttl": 300.0, "max_message_mb": 64, "max_inflight": 3, "round_timeout": 60.0,
     "identity": None, "bootstrap": [], "listen_p2p": None, "log_level": "info", "advertise": None,
+    "announce_ttl": 30.0, "route_wait": 3600.0,
 }
 
 EPILOG = """examples:
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--identity", help="libp2p identity key file (created on first start, mode 0600)")
     ap.add_argument("--bootstrap", action="append", help="bootstrap peer multiaddr (repeatable)")
     ap.add_argument("--listen-p2p", dest="listen_p2p", help="libp2p listen multiaddr, e.g. /ip4/0.0.0.0/tcp/4001")
+    ap.add_argument("--announce-ttl", dest="announce_ttl", type=float,
+                    help="seconds an announcement stays valid; refreshed every third of it (30)")
+    ap.add_argument("--route-wait", dest="route_wait", type=float,
+                    help="head: seconds to wait for stages covering every layer to appear (3600)")
     ap.add_argument("--print-peer-id", dest="print_peer_id", action="store_true", help="print the peer id and exit")
     ap.add_argument("--config", help="YAML config file")
     ap.add_argument("--log-level", dest="log_level", help="debug, info, warning (default info)")

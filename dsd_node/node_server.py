@@ -14,16 +14,17 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import __version__
 from .drafter import Drafter, DraftRequest
-from .head import GenerationConfig, GenerationError, Head
+from .head import GenerationConfig, GenerationError, Head, Stats
 from .messages import Hop, RoundMsg, VerdictMsg
-from .pipeline_client import GRPC_OPTIONS, GrpcPipeline, RemoteDraftSource, StreamLink, rpc_error_text
+from .pipeline_client import GRPC_OPTIONS, GrpcPipeline, StreamLink, rpc_error_text
 from .proto import dsd_pb2 as pb
 from .proto import dsd_pb2_grpc as rpc
 from .shard_runner import SessionLimitError
@@ -105,12 +106,19 @@ class StageService(rpc.StageServicer):
         verdicts = None
         try:
             while True:
-                try:
-                    msg = await asyncio.wait_for(queue.get(), timeout=self.state.session_ttl_s)
-                except asyncio.TimeoutError:
-                    problem.append((grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"session {sid} idle for {self.state.session_ttl_s:.0f} s: expired"))
+                get = asyncio.ensure_future(queue.get())
+                waits = {get, down.failed} if down is not None else {get}
+                done, _ = await asyncio.wait(waits, timeout=self.state.session_ttl_s, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    if down is not None and down.failed.done():
+                        code, details = down.failed.result()
+                        problem.append((grpc.StatusCode.UNAVAILABLE, f"next stage {down.address} failed: {code.name}: {details}"))
+                    else:
+                        problem.append((grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"session {sid} idle for {self.state.session_ttl_s:.0f} s: expired"))
                     break
+                msg = get.result()
                 if msg is None:
                     break
                 try:
@@ -141,10 +149,6 @@ class StageService(rpc.StageServicer):
                     except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
                         problem.append((grpc.StatusCode.UNAVAILABLE, f"gateway {msg.reply_to} unreachable: {e}"))
                         break
-                if down is not None and down.failed.done():
-                    code, details = down.failed.result()
-                    problem.append((code, details))
-                    break
         finally:
             reader.cancel()
             if down is not None:
@@ -194,6 +198,14 @@ class GatewayConfig:
     drafter: object | None  # a DraftSource
     default_max_inflight: int = 3
     round_timeout_s: float = 60.0
+    reroute: Callable[[list[Hop]], Awaitable[list[Hop]]] | None = None  # failover (with discovery)
+
+
+def _status_of(failure: str) -> grpc.StatusCode:
+    for code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT):
+        if code.name in failure:
+            return code
+    return grpc.StatusCode.UNAVAILABLE
 
 
 class GatewayService(rpc.GatewayServicer):
@@ -228,43 +240,64 @@ class GatewayService(rpc.GatewayServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt token outside the vocabulary")
         if gcfg.mode != "ar" and self.cfg.drafter is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"mode {gcfg.mode} needs a drafter; this gateway has none")
+        t0 = time.perf_counter()
+        prior: list[int] = []  # tokens committed before a failover
+        stats = Stats(gcfg.mode)
+        failovers = 0
+        while True:
+            head, failure = await self._run_session(ids + prior, replace(gcfg, max_new_tokens=gcfg.max_new_tokens - len(prior)),
+                                                    context, lambda new, h, p=prior: self._emit(context, tok, p, h, new))
+            for f in ("rounds", "rounds_wasted", "draft_ms"):
+                setattr(stats, f, getattr(stats, f) + getattr(head.stats, f))
+            stats.accepted_per_round += head.stats.accepted_per_round
+            stats.inflight += head.stats.inflight
+            prior += head.trimmed()
+            if failure is None or len(prior) >= gcfg.max_new_tokens or (head.eos is not None and head.eos in prior):
+                break
+            if self.cfg.reroute is None or failovers >= 3:
+                await context.abort(_status_of(failure), failure)
+            try:
+                self.cfg.route = await self.cfg.reroute(self.cfg.route)
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{failure}; no route left: {e}")
+            failovers += 1
+            log.warning("failover %d: %s; replaying %d committed tokens on %s", failovers, failure, len(ids) + len(prior),
+                        " -> ".join(h.address for h in self.cfg.route))
+        stats.new_tokens, stats.wall_ms = len(prior), (time.perf_counter() - t0) * 1e3
+        await context.write(pb.GenerateEvent(stats=pb.Stats(
+            rounds=stats.rounds, rounds_wasted=stats.rounds_wasted, accepted_per_round=stats.accepted_per_round,
+            tokens_per_s=stats.tokens_per_s, ms_per_token=stats.ms_per_token, new_tokens=stats.new_tokens,
+            inflight=stats.inflight, mode=stats.mode, draft_ms=stats.draft_ms, wall_ms=stats.wall_ms,
+            failovers=failovers)))
+
+    async def _emit(self, context, tok, prior: list[int], head: Head, new: list[int]) -> None:
+        """Stream newly committed tokens with the text they add (decoded in context, so merges stay right)."""
+        before = tok.decode(prior + head.trimmed()[: -len(new)]) if new else ""
+        text = tok.decode(prior + head.trimmed())
+        await context.write(pb.GenerateEvent(tokens=new, text=text[len(before):]))
+
+    async def _run_session(self, prompt: list[int], gcfg: GenerationConfig, context, emit) -> tuple[Head, str | None]:
+        """One pipeline session; returns the head and the failure, if any."""
         sid = uuid.uuid4().hex
         verdicts: asyncio.Queue = asyncio.Queue()
         self.sessions[sid] = verdicts
-        pipe = GrpcPipeline(sid, self.cfg.route, self.state.address, self.state.channels.get(self.cfg.route[0].address),
-                            verdicts, self.cfg.round_timeout_s)
-        decoded_upto = 0
-
-        async def on_tokens(new: list[int]) -> None:
-            nonlocal decoded_upto
-            gen = head.generated[: len(head._trimmed())]
-            text = tok.decode(gen)
-            await context.write(pb.GenerateEvent(tokens=new, text=text[decoded_upto:]))
-            decoded_upto = len(text)
-
-        head = Head(sid, pipe, self.cfg.drafter, gcfg, tok.eos_token_id, on_tokens)
+        route = self.cfg.route
+        pipe = GrpcPipeline(sid, route, self.state.address, self.state.channels.get(route[0].address), verdicts,
+                            self.cfg.round_timeout_s)
+        head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None)
+        head.on_tokens = lambda new: emit(new, head)
         failure = None
         try:
-            await head.run(ids)
+            await head.run(prompt)
         except GenerationError as e:
             failure = str(e)
         finally:
             self.sessions.pop(sid, None)
             await pipe.close(cancel=failure is not None)
-            if isinstance(self.cfg.drafter, RemoteDraftSource):
-                await self.cfg.drafter.end_session(sid)
-            elif self.cfg.drafter is not None:
-                self.cfg.drafter.drafter.end_session(sid)
-        if failure:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if "RESOURCE_EXHAUSTED" in failure else grpc.StatusCode.UNAVAILABLE
-            if "INVALID_ARGUMENT" in failure:
-                code = grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, failure)
-        st = head.stats
-        await context.write(pb.GenerateEvent(stats=pb.Stats(
-            rounds=st.rounds, rounds_wasted=st.rounds_wasted, accepted_per_round=st.accepted_per_round,
-            tokens_per_s=st.tokens_per_s, ms_per_token=st.ms_per_token, new_tokens=st.new_tokens,
-            inflight=st.inflight, mode=st.mode, draft_ms=st.draft_ms, wall_ms=st.wall_ms)))
+            end = getattr(self.cfg.drafter, "end_session", None)
+            if end is not None:
+                await end(sid)
+        return head, failure
 
     async def Verdicts(self, request_iterator, context):
         async for m in request_iterator:

@@ -66,7 +66,7 @@ class StageHandler:
         sh = self.runner.shard
         sess = self.runner.session(msg.session_id)
         if msg.epoch < sess.epoch and msg.tree.tokens:
-            msg = replace(msg, tree=TokenTree([], []), hidden=None, base=[])
+            msg = replace(msg, tree=TokenTree([], []), hidden=None)  # keep base: those segments are still live
         sess.epoch = max(sess.epoch, msg.epoch)
         try:
             self.runner.apply(msg.session_id, msg.commits, {rid for rid, _ in msg.base})

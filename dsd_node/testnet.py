@@ -31,30 +31,87 @@ class NodeSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def plan(stages: int, model: str = "embedded:target", drafter: str = "embedded:drafter", threads: int = 1,
-         extra: list[str] | None = None) -> list[NodeSpec]:
-    """N stages (layers split evenly), a drafter, and a head that routes through the stages in order."""
+def plan(stages: int, model: str = "embedded:target", drafter: str | None = "embedded:drafter", threads: int = 1,
+         extra: list[str] | None = None, link_delay_ms: float = 0.0, colocate: bool = False) -> list[NodeSpec]:
+    """N stages (layers split evenly), a drafter and a head wired by address, the head routing through the stages in order.
+
+    colocate: the head runs in the first stage's process with the drafter beside it (one laptop as
+    head + drafter + stage 0), so a round crosses N links: N-1 between stages and the verdict's return.
+    link_delay_ms: every node puts the userspace link emulator in front of its port, so each link
+    into a node adds that one-way delay.
+    """
     extra = extra or []
-    specs = []
-    for i, (a, b) in enumerate(split_layers(model_num_layers(model), stages)):
-        addr = f"127.0.0.1:{free_port()}"
-        specs.append(NodeSpec(f"stage{i}", ["--role", "stage", "--model", model, "--layers", f"{a}:{b}",
-                                            "--listen", addr, "--threads", str(threads), *extra], addr))
-    drafter_args: list[str] = []
-    if drafter:
-        addr = f"127.0.0.1:{free_port()}"
-        specs.append(NodeSpec("drafter", ["--role", "drafter", "--model", drafter, "--listen", addr,
-                                          "--threads", str(threads), *extra], addr))
-        drafter_args = ["--drafter-addr", addr]
-    addr = f"127.0.0.1:{free_port()}"
-    route = ",".join(s.address for s in specs if s.name.startswith("stage"))
-    specs.append(NodeSpec("head", ["--role", "head", "--model", model, "--route", route, "--listen", addr,
-                                   "--threads", str(threads), *drafter_args, *extra], addr))
+    env = {"DSD_LINK_EMULATOR": "1", "DSD_LINK_DELAY_MS": str(link_delay_ms)} if link_delay_ms > 0 else {}
+    ranges = split_layers(model_num_layers(model), stages)
+    specs = [_stage(f"stage{i}", model, a, b, threads, extra, env) for i, (a, b) in enumerate(ranges) if not (colocate and i == 0)]
+    route = [s.address for s in specs]
+    if colocate:
+        head_args = ["--role", "head,drafter,stage" if drafter else "head,stage", "--layers", f"{ranges[0][0]}:{ranges[0][1]}",
+                     *(["--drafter", drafter] if drafter else [])]
+        route = ["self", *route]
+    else:
+        head_args = ["--role", "head"]
+        if drafter:
+            specs.append(_drafter(model=drafter, threads=threads, extra=extra))
+            head_args += ["--drafter-addr", specs[-1].address]
+    head_args += ["--route", ",".join(route)]
+    specs.append(_head(head_args, model, threads, extra, env))
     return specs
+
+
+def plan_discovery(stages: int, replicas: int = 1, model: str = "embedded:target", drafter: str | None = "embedded:drafter",
+                   threads: int = 1, extra: list[str] | None = None, key_dir: Path | None = None,
+                   announce_ttl: float = 30.0) -> list[NodeSpec]:
+    """A bootstrap peer, `replicas` copies of each of N shards and a drafter announcing themselves, and a head
+    that finds its route through libp2p discovery (nobody is wired by address)."""
+    from .p2p.identity import load_or_create_identity
+
+    key_dir = Path(key_dir or tempfile.mkdtemp(prefix="dsd-keys-"))
+    boot_port = free_port()
+    boot_key = key_dir / "bootstrap.key"
+    boot = f"/ip4/127.0.0.1/tcp/{boot_port}/p2p/{load_or_create_identity(boot_key).peer_id}"
+
+    def p2p(name: str) -> list[str]:
+        return ["--identity", str(key_dir / f"{name}.key"), "--listen-p2p", f"/ip4/127.0.0.1/tcp/{free_port()}",
+                "--bootstrap", boot, "--announce-ttl", str(announce_ttl)]
+
+    extra = extra or []
+    addr = f"127.0.0.1:{free_port()}"
+    specs = [NodeSpec("bootstrap", ["--role", "bootstrap", "--identity", str(boot_key), "--listen-p2p",
+                                    f"/ip4/127.0.0.1/tcp/{boot_port}", "--listen", addr], addr)]
+    for i, (a, b) in enumerate(split_layers(model_num_layers(model), stages)):
+        for r in range(replicas):
+            name = f"stage{i}" + (f"r{r}" if replicas > 1 else "")
+            specs.append(_stage(name, model, a, b, threads, [*extra, *p2p(name)], {}))
+    head_args = ["--role", "head"]
+    if drafter:
+        specs.append(_drafter(model=drafter, threads=threads, extra=[*extra, *p2p("drafter")]))
+        head_args += ["--drafter-addr", specs[-1].address]
+    specs.append(_head([*head_args, *p2p("head")], model, threads, extra, {}))
+    return specs
+
+
+def _stage(name: str, model: str, a: int, b: int, threads: int, extra: list[str], env: dict[str, str]) -> NodeSpec:
+    addr = f"127.0.0.1:{free_port()}"
+    return NodeSpec(name, ["--role", "stage", "--model", model, "--layers", f"{a}:{b}", "--listen", addr,
+                           "--threads", str(threads), *extra], addr, env)
+
+
+def _drafter(model: str, threads: int, extra: list[str]) -> NodeSpec:
+    addr = f"127.0.0.1:{free_port()}"
+    return NodeSpec("drafter", ["--role", "drafter", "--model", model, "--listen", addr, "--threads", str(threads),
+                                *extra], addr)
+
+
+def _head(args: list[str], model: str, threads: int, extra: list[str], env: dict[str, str]) -> NodeSpec:
+    addr = f"127.0.0.1:{free_port()}"
+    return NodeSpec("head", [*args, "--model", model, "--listen", addr, "--threads", str(threads), *extra], addr, env)
 
 
 class Testnet:
     """Start the planned nodes as child processes; `gateway` is the head's address once `up()` returns."""
+
+    __test__ = False  # not a pytest test class
 
     def __init__(self, specs: list[NodeSpec], log_dir: Path | None = None, quiet: bool = True):
         self.specs = specs

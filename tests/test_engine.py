@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PROMPTS, hf_greedy
 from transformers import (
     AutoModelForCausalLM,
     BertConfig,
@@ -14,7 +15,6 @@ from transformers import (
     Qwen2Config,
 )
 
-from conftest import PROMPTS, hf_greedy
 from dsd_node.head import GenerationConfig
 from dsd_node.local import LocalEngine
 from dsd_node.models import ModelError, check_same_tokenizer, load_shard, split_layers
@@ -191,9 +191,17 @@ def test_sampling_keeps_the_target_distribution(reference, tokenizer, random_dra
         toks = eng.generate(ids, cfg).tokens
         c1[toks[0]] += 1
         c2[toks[1]] += 1
-    tv1 = 0.5 * (c1 / n - p1).abs().sum().item()
-    tv2 = 0.5 * (c2 / n - p2).abs().sum().item()
-    assert tv1 < 0.1 and tv2 < 0.12, (tv1, tv2)
+    # total variation over the target's 8 most likely tokens plus one bucket for the rest
+    # (sampling noise ~0.05 at n=600; a drafter-biased sampler is far off)
+    tv = [_bucketed_tv(c / n, p) for c, p in ((c1, p1), (c2, p2))]
+    assert max(tv) < 0.1, tv
+
+
+def _bucketed_tv(emp: torch.Tensor, exact: torch.Tensor, top: int = 8) -> float:
+    idx = torch.topk(exact, top).indices
+    e = torch.cat([emp[idx], (1 - emp[idx].sum()).reshape(1)])
+    x = torch.cat([exact[idx], (1 - exact[idx].sum()).reshape(1)])
+    return 0.5 * (e - x).abs().sum().item()
 
 
 def test_adaptive_mode_is_explicitly_lossy_and_strict_at_zero_margins(engine3, reference, tokenizer):
@@ -202,8 +210,8 @@ def test_adaptive_mode_is_explicitly_lossy_and_strict_at_zero_margins(engine3, r
     strict = SamplingParams.create(adaptive=True, adaptive_margin=0.0, adaptive_tie_margin=0.0)
     assert engine3.generate(ids, GenerationConfig(max_new_tokens=40, sampling=strict)).tokens == want
     loose = SamplingParams.create(adaptive=True, adaptive_margin=1.0, adaptive_tie_margin=1.0)
-    got = engine3.generate(ids, GenerationConfig(max_new_tokens=40, sampling=loose))
-    greedy = engine3.generate(ids, GenerationConfig(max_new_tokens=40))
-    # accepting everything: the output is the drafter's, rounds take whole drafts
+    got = engine3.generate(ids, GenerationConfig(max_new_tokens=40, branch=0, sampling=loose))
+    greedy = engine3.generate(ids, GenerationConfig(max_new_tokens=40, branch=0))
+    # accepting everything: the output is the drafter's chain, rounds take whole drafts
     assert min(got.stats.accepted_per_round[:-1]) == 5
     assert sum(got.stats.accepted_per_round) / got.stats.rounds > sum(greedy.stats.accepted_per_round) / greedy.stats.rounds

@@ -11,9 +11,11 @@ Storage layout (all peers run the DHT in server mode and register the ``/dsd/`` 
 * provider records under ``model_key(model_id)`` (a sha2-256 multihash) list the peers that
   announced the model, so readers can enumerate every record key.
 
-``find`` unions the local and network provider sets, fetches every replica of each peer's
-record, keeps the newest correctly signed one per peer and drops it if it is expired or for
-another model hash. A withdrawn record is replaced by an already-expired "tombstone".
+``find`` unions the local and network provider sets, asks each provider for its record (falling
+back to the replicas when it does not answer), keeps the newest correctly signed one per peer and
+drops it if it is expired or for another model hash. A withdrawn record is replaced by an
+already-expired "tombstone". Provider records cannot be deleted (py-libp2p keeps them 48 h), so
+peers whose last record expired are afterwards only asked directly, which fails fast when dead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -57,9 +60,9 @@ def quiet_libp2p_logging(level: int = logging.ERROR) -> None:
     fire-and-forget ADD_PROVIDER) reach stderr through logging's last-resort handler. Called by
     :meth:`Discovery.start` unless ``LIBP2P_DEBUG`` is set.
     """
-    lg = logging.getLogger("libp2p")
-    lg.setLevel(level)
-    lg.propagate = True
+    logging.getLogger("libp2p").setLevel(level)
+    logging.getLogger("libp2p").propagate = True
+    logging.getLogger("libp2p.network.auto_connector").setLevel(level)  # forced to INFO by py-libp2p
 
 
 def parse_listen_multiaddr(addr: str) -> tuple[str, int]:
@@ -152,6 +155,7 @@ class Discovery:
         self.invalid_seen = 0  # records dropped by find() as invalid (garbage, forged, expired, ...)
         self._listen_addrs: list[str] = []
         self._announced: dict[str, NodeRecord] = {}
+        self._expired: set[str] = set()  # providers whose newest record was expired at the last find()
         self._provided_at: dict[str, float] = {}
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -187,7 +191,7 @@ class Discovery:
             self._listen_addrs = await asyncio.wrap_future(ready)
         except BaseException:
             await asyncio.to_thread(self._thread.join, 5.0)
-            self._thread = None
+            self._thread = self._token = self._nursery = self._stop_event = None
             raise
         log.info("libp2p peer %s listening on %s", self.peer_id, ", ".join(self._listen_addrs))
 
@@ -211,8 +215,14 @@ class Discovery:
         try:
             trio.run(self._trio_main, ready)
         except BaseException as exc:  # noqa: BLE001 - report start errors to start(), log the rest
+            leaf = exc
+            while len(getattr(leaf, "exceptions", ())) == 1:  # unwrap trio's single-error groups
+                leaf = leaf.exceptions[0]  # type: ignore[attr-defined]
             if not ready.done():
-                ready.set_exception(exc)
+                if not isinstance(leaf, DiscoveryError):
+                    cause, leaf = leaf, DiscoveryError(f"libp2p failed to start on {self.listen_multiaddr}: {leaf!r}")
+                    leaf.__cause__ = cause
+                ready.set_exception(leaf)
             else:
                 log.exception("libp2p thread of %s crashed", self.peer_id)
 
@@ -221,6 +231,8 @@ class Discovery:
         self._stop_event = trio.Event()
         host = new_host(key_pair=self.identity.key_pair, listen_addrs=[self.listen_multiaddr])
         async with host.run(listen_addrs=[self.listen_multiaddr]):
+            if not host.get_transport_addrs():  # py-libp2p logs a failed listen but carries on
+                raise DiscoveryError(f"libp2p could not listen on {self.listen_multiaddr} (port in use?)")
             dht = KadDHT(host, DHTMode.SERVER)
             dht.register_validator(NAMESPACE, RecordValidator())
             # DHT service first, dial afterwards: an early inbound connect otherwise tears the swarm down.
@@ -249,12 +261,25 @@ class Discovery:
             out += [f"{a}{suffix}" for a in expanded if a.startswith("/ip4/")]
         return out or [f"{a}{suffix}" for a in host.get_transport_addrs()]
 
+    @staticmethod
+    async def _resolve(addrs: list[Multiaddr]) -> list[Multiaddr]:
+        """Turn /dns4/<name>/... and /dns/<name>/... into /ip4/<address>/... (py-libp2p's TCP dial needs IPs)."""
+        out = []
+        for addr in addrs:
+            parts = str(addr).split("/")  # ['', 'dns4', name, 'tcp', port, ...]
+            if len(parts) > 2 and parts[1] in ("dns", "dns4"):
+                ip = await trio.to_thread.run_sync(socket.gethostbyname, parts[2])
+                addr = Multiaddr("/".join(["", "ip4", ip, *parts[3:]]))
+            out.append(addr)
+        return out
+
     async def _dial(self, info: PeerInfo) -> bool:
         assert self._host is not None and self._dht is not None
         try:
             with trio.fail_after(self.connect_timeout_s):
-                self._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
-                await self._host.connect(info)
+                addrs = await self._resolve(info.addrs)
+                self._host.get_peerstore().add_addrs(info.peer_id, addrs, 3600)
+                await self._host.connect(PeerInfo(info.peer_id, addrs))
             await self._dht.add_peer(info.peer_id, skip_server_mode_check=True)
             return True
         except Exception as exc:
@@ -350,8 +375,10 @@ class Discovery:
 
     async def _t_publish(self, model_id: str, blob: bytes, provide: bool) -> None:
         assert self._dht is not None
-        with trio.move_on_after(self.query_timeout_s):
+        with trio.move_on_after(self.query_timeout_s) as scope:
             await self._dht.put_value(record_key(model_id, self.peer_id), blob)
+        if scope.cancelled_caught:
+            log.warning("storing the record of %s on the DHT timed out (kept locally)", model_id)
         if provide:
             with trio.move_on_after(self.query_timeout_s):
                 await self._dht.provide(model_key(model_id))
@@ -397,8 +424,11 @@ class Discovery:
                 continue
             try:
                 out.append(verify_record(best[1], now=now, expected_model_hash=expected_model_hash))
+                self._expired.discard(pid)
             except RecordError as exc:
                 log.debug("dropping record of %s: %s", pid, exc)
+                if decode_signed(best[1])[0].expires_at <= now:
+                    self._expired.add(pid)
         return sorted(out, key=lambda r: (r.layer_start, r.peer_id))
 
     async def _t_fetch(self, model_id: str) -> dict[str, list[bytes]]:
@@ -416,6 +446,8 @@ class Discovery:
                 found, _ = await dht.provider_store._get_providers_from_peer_with_closers(peer, mkey)
                 for p in found or []:
                     providers[str(p.peer_id)] = p.peer_id
+                    if p.addrs:
+                        dht.host.get_peerstore().add_addrs(p.peer_id, p.addrs, 600)
 
         with trio.move_on_after(self.query_timeout_s):
             closest = await dht.peer_routing.find_closest_peers_network(mkey)
@@ -450,7 +482,7 @@ class Discovery:
                         nursery.start_soon(values_from, pid, peer, key)
                 return len(blobs[pid]) > before
 
-            if pid == self.peer_id or await ask([providers[pid]]):
+            if pid == self.peer_id or await ask([providers[pid]]) or pid in self._expired:
                 return
             if await ask(dht.routing_table.find_local_closest_peers(key, 8)):
                 return

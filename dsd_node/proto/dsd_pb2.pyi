@@ -234,7 +234,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., draft_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_inflight: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("rounds", "rounds_wasted", "accepted_per_round", "tokens_per_s", "ms_per_token", "new_tokens", "inflight", "mode", "draft_ms", "wall_ms")
+    __slots__ = ("rounds", "rounds_wasted", "accepted_per_round", "tokens_per_s", "ms_per_token", "new_tokens", "inflight", "mode", "draft_ms", "wall_ms", "failovers")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_WASTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,7 @@ class Stats(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     rounds_wasted: int
     accepted_per_round: _containers.RepeatedScalarFieldContainer[int]
@@ -255,7 +256,8 @@ class Stats(_message.Message):
     mode: str
     draft_ms: float
     wall_ms: float
-    def __init__(self, rounds: _Optional[int] = ..., rounds_wasted: _Optional[int] = ..., accepted_per_round: _Optional[_Iterable[int]] = ..., tokens_per_s: _Optional[float] = ..., ms_per_token: _Optional[float] = ..., new_tokens: _Optional[int] = ..., inflight: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., draft_ms: _Optional[float] = ..., wall_ms: _Optional[float] = ...) -> None: ...
+    failovers: int
+    def __init__(self, rounds: _Optional[int] = ..., rounds_wasted: _Optional[int] = ..., accepted_per_round: _Optional[_Iterable[int]] = ..., tokens_per_s: _Optional[float] = ..., ms_per_token: _Optional[float] = ..., new_tokens: _Optional[int] = ..., inflight: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., draft_ms: _Optional[float] = ..., wall_ms: _Optional[float] = ..., failovers: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("tokens", "text", "stats")

@@ -1,0 +1,171 @@
+"""The network across real processes: node daemons on 127.0.0.1 talking gRPC, against the HF reference."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import torch
+from conftest import PROMPTS, hf_greedy
+
+from dsd_node.client import ClientError, DsdClient
+from dsd_node.head import GenerationConfig
+from dsd_node.messages import Hop, RoundMsg
+from dsd_node.node_server import query_info
+from dsd_node.proto import dsd_pb2 as pb
+from dsd_node.proto import dsd_pb2_grpc as rpc
+from dsd_node.testnet import Testnet, plan
+from dsd_node.tree import TokenTree
+from dsd_node.wire import round_to_pb
+
+EXTRA = ["--max-message-mb", "4", "--round-timeout", "20"]
+
+
+def _net(stages: int, drafter: str | None = "embedded:drafter") -> Testnet:
+    net = Testnet(plan(stages, drafter=drafter, extra=EXTRA))
+    try:
+        asyncio.run(net.up())
+    except BaseException:
+        net.down()
+        raise
+    return net
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda n: f"{n}stages")
+def net(request):
+    n = _net(request.param)
+    yield n
+    n.down()
+
+
+@pytest.mark.parametrize("mode", ["ar", "si", "dsi"])
+async def test_greedy_through_stage_processes_equals_hf_generate(net, reference, tokenizer, mode):
+    async with DsdClient(net.gateway) as c:
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt)["input_ids"]
+            r = await c.generate(prompt, GenerationConfig(mode=mode, max_new_tokens=32, max_inflight=3))
+            assert r.tokens == hf_greedy(reference, ids, 32, tokenizer.eos_token_id), (mode, prompt)
+            assert r.stats["new_tokens"] == len(r.tokens) and r.stats["rounds"] >= 1
+            assert tokenizer.decode(r.tokens) == r.text
+
+
+@pytest.fixture(scope="module")
+def net2():
+    n = _net(2)
+    yield n
+    n.down()
+
+
+async def test_eight_concurrent_sessions(net2, reference, tokenizer):
+    prompts = (PROMPTS * 2)[:8]
+    modes = ["si", "dsi", "ar", "si", "dsi", "si", "ar", "dsi"]
+    async with DsdClient(net2.gateway) as c:
+        results = await asyncio.gather(*[c.generate(p, GenerationConfig(mode=m, max_new_tokens=24))
+                                         for p, m in zip(prompts, modes, strict=True)])
+    for p, r in zip(prompts, results, strict=True):
+        assert r.tokens == hf_greedy(reference, tokenizer(p)["input_ids"], 24, tokenizer.eos_token_id)
+
+
+async def _sessions(addresses: list[str]) -> list[int]:
+    out = []
+    for a in addresses:
+        async with grpc.aio.insecure_channel(a) as ch:
+            out.append((await query_info(ch)).sessions)
+    return out
+
+
+async def test_cancel_frees_the_session_on_every_stage(net2):
+    stages = [s.address for s in net2.specs if s.name.startswith("stage")]
+    async with DsdClient(net2.gateway) as c:
+        stream = c.stream(PROMPTS[0], GenerationConfig(mode="ar", max_new_tokens=1000, ignore_eos=True))
+        await stream.__anext__()
+        assert sum(await _sessions(stages)) == len(stages)  # the session lives on every stage
+        await stream.aclose()  # cancels the call
+    deadline = time.monotonic() + 10
+    while sum(await _sessions(stages)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await _sessions(stages) == [0] * len(stages)
+
+
+async def _forward_error(address: str, msgs: list[pb.Round]) -> grpc.aio.AioRpcError:
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = rpc.StageStub(ch).Forward()
+        for m in msgs:
+            await call.write(m)
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in call:
+                pass
+        return e.value
+
+
+async def test_bad_input_gets_clear_statuses_and_the_node_keeps_serving(net2, reference, tokenizer):
+    s0, s1 = [s for s in net2.specs if s.name.startswith("stage")]
+    route = [Hop(s0.address, 0, 4), Hop(s1.address, 4, 8)]
+    tree = TokenTree([5, 6], [-1, 0], n_given=2)
+
+    def second_stage_round(hidden: torch.Tensor, **kw) -> pb.Round:
+        return round_to_pb(RoundMsg("bad", 0, 0, tree=tree, hidden=hidden, route=route, hop=1, **kw))
+
+    good = torch.zeros(1, 2, 256)
+    cases = {
+        "wrong dtype": (second_stage_round(good.half()), grpc.StatusCode.INVALID_ARGUMENT, "float16"),
+        "wrong shape": (second_stage_round(torch.zeros(1, 3, 256)), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+        "oversized": (second_stage_round(torch.zeros(1, 2, 3_000_000)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    }
+    m = second_stage_round(good)
+    m.hidden.data = m.hidden.data[:-3]
+    cases["malformed bytes"] = (m, grpc.StatusCode.INVALID_ARGUMENT, "do not match")
+    m = second_stage_round(good)
+    m.hidden.dtype = "int7"
+    cases["unknown dtype"] = (m, grpc.StatusCode.INVALID_ARGUMENT, "unknown tensor dtype")
+    m = second_stage_round(good)
+    m.hop = 0  # says layers 0:4 to the node hosting 4:8
+    cases["layers not hosted"] = (m, grpc.StatusCode.INVALID_ARGUMENT, "this node hosts 4:8")
+    for name, (msg, code, text) in cases.items():
+        err = await _forward_error(s1.address, [msg])
+        assert err.code() == code and text in (err.details() or ""), (name, err.code(), err.details())
+    async with grpc.aio.insecure_channel(s1.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await rpc.StageStub(ch).EndSession(pb.SessionRef(session_id="no-such-session"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown session" in e.value.details()
+    async with grpc.aio.insecure_channel(net2.gateway) as ch:
+        call = rpc.GatewayStub(ch).Verdicts()
+        await call.write(pb.Verdict(session_id="no-such-session"))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    async with DsdClient(net2.gateway) as c:
+        with pytest.raises(ClientError, match="INVALID_ARGUMENT"):
+            await c.generate([999999], GenerationConfig())
+        r = await c.generate(PROMPTS[0], GenerationConfig(max_new_tokens=16))
+    assert r.tokens == hf_greedy(reference, tokenizer(PROMPTS[0])["input_ids"], 16, tokenizer.eos_token_id)
+
+
+def test_cli_reports_a_gateway_that_does_not_answer():
+    p = subprocess.run([sys.executable, "-m", "dsd_node.cli", "generate", "--gateway", "127.0.0.1:9", "hello"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert "generation failed: UNAVAILABLE" in p.stderr and "Traceback" not in p.stderr
+
+
+async def test_killing_a_stage_fails_generation_quickly(reference):
+    net = await asyncio.to_thread(_net, 2, None)
+    try:
+        async with DsdClient(net.gateway) as c:
+            stream = c.stream(PROMPTS[0], GenerationConfig(mode="ar", max_new_tokens=1500, ignore_eos=True))
+            await stream.__anext__()
+            net.kill("stage1")
+            t0 = time.monotonic()
+            with pytest.raises(ClientError) as e:
+                async for _ in stream:
+                    pass
+            assert time.monotonic() - t0 < 15
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "stage" in str(e.value) or "pipeline" in str(e.value)
+    finally:
+        net.down()
