@@ -26,10 +26,10 @@ def add_generation_flags(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--adaptive", action="store_true",
                    help="lossy: relax greedy acceptance for low-importance tokens (whitespace, delimiters, function words)")
-    g.add_argument("--adaptive-margin", type=float, default=0.15,
-                   help="adaptive: accept a low-importance draft when p_top - p_draft <= this (0.15)")
-    g.add_argument("--adaptive-tie-margin", type=float, default=0.02,
-                   help="adaptive: accept any draft when p_top - p_draft <= this (near-ties, 0.02)")
+    g.add_argument("--adaptive-margin", type=float, default=0.05,
+                   help="adaptive: accept a low-importance draft when p_top - p_draft <= this (0.05)")
+    g.add_argument("--adaptive-tie-margin", type=float, default=0.01,
+                   help="adaptive: accept any draft when p_top - p_draft <= this (near-ties, 0.01)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON instead of streaming')
 

@@ -219,7 +219,7 @@ class GatewayService(rpc.GatewayServicer):
         if rule is None:
             raise ValueError(f"unknown sampling rule {s.rule}")
         sampling = SamplingParams.create(s.temperature if rule == Rule.SAMPLE else 0.0, s.top_p or 1.0, s.seed,
-                                         rule == Rule.ADAPTIVE, s.adaptive_margin or 0.15, s.adaptive_tie_margin or 0.02)
+                                         rule == Rule.ADAPTIVE, s.adaptive_margin, s.adaptive_tie_margin)
         return GenerationConfig(mode=req.mode or "si", max_new_tokens=req.max_new_tokens or 64,
                                 draft_k=req.draft_k or 4, max_inflight=req.max_inflight or self.cfg.default_max_inflight,
                                 sampling=sampling, ignore_eos=req.ignore_eos)

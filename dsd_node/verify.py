@@ -46,12 +46,12 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    adaptive_margin: float = 0.15
-    adaptive_tie_margin: float = 0.02
+    adaptive_margin: float = 0.05
+    adaptive_tie_margin: float = 0.01
 
     @staticmethod
     def create(temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, adaptive: bool = False,
-               adaptive_margin: float = 0.15, adaptive_tie_margin: float = 0.02) -> SamplingParams:
+               adaptive_margin: float = 0.05, adaptive_tie_margin: float = 0.01) -> SamplingParams:
         """temperature 0 means greedy; adaptive relaxes greedy acceptance (lossy)."""
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ from conftest import PROMPTS, hf_greedy
 from dsd_node.client import ClientError, DsdClient
 from dsd_node.head import GenerationConfig
 from dsd_node.messages import Hop, RoundMsg
-from dsd_node.node_server import query_info
+from dsd_node.node_server import query_info, wait_healthy
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
 from dsd_node.testnet import Testnet, plan
@@ -153,12 +155,21 @@ def test_cli_reports_a_gateway_that_does_not_answer():
     assert "generation failed: UNAVAILABLE" in p.stderr and "Traceback" not in p.stderr
 
 
-async def test_killing_a_stage_fails_generation_quickly(reference):
-    net = await asyncio.to_thread(_net, 2, None)
+def _net_full() -> Testnet:
+    net = Testnet(plan(2, drafter=None, extra=[*EXTRA, "--max-sessions", "1"]))
+    asyncio.run(net.up())
+    return net
+
+
+async def test_full_node_says_so_and_killing_a_stage_fails_generation_quickly(reference):
+    net = await asyncio.to_thread(_net_full)
     try:
         async with DsdClient(net.gateway) as c:
             stream = c.stream(PROMPTS[0], GenerationConfig(mode="ar", max_new_tokens=1500, ignore_eos=True))
             await stream.__anext__()
+            with pytest.raises(ClientError) as full:  # stages take one session at a time here
+                await c.generate(PROMPTS[1], GenerationConfig(mode="ar", max_new_tokens=4))
+            assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "node is full" in str(full.value)
             net.kill("stage1")
             t0 = time.monotonic()
             with pytest.raises(ClientError) as e:
@@ -169,3 +180,32 @@ async def test_killing_a_stage_fails_generation_quickly(reference):
             assert "stage" in str(e.value) or "pipeline" in str(e.value)
     finally:
         net.down()
+    # the survivors shut down cleanly on SIGTERM
+    assert [p.returncode for n, p in net.procs.items() if n != "stage1"] == [0, 0]
+
+
+def test_config_file_environment_and_flags(tmp_path):
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("model: embedded:target\nlayers: '0:2'\nmax_sessions: 5\n")
+    from dsd_node.testnet import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "DSD_LAYERS": "2:6"}  # environment beats the file; flags beat both
+    p = subprocess.Popen([sys.executable, "-m", "dsd_node.node_cli", "--config", str(cfg), "--listen", addr,
+                          "--max-sessions", "7", "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(wait_healthy(addr, 90))
+
+        async def info():
+            async with grpc.aio.insecure_channel(addr) as ch:
+                return await query_info(ch)
+
+        i = asyncio.run(info())
+        assert (i.layer_start, i.layer_end, i.max_sessions, i.model, i.num_layers) == (2, 6, 7, "embedded:target", 8)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 0
+    finally:
+        p.kill()
+    bad = subprocess.run([sys.executable, "-m", "dsd_node.node_cli", "--role", "stage", "--layers", "6:2"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "bad layer range" in bad.stderr and "Traceback" not in bad.stderr
