@@ -95,7 +95,15 @@ def cmd_testnet(args: argparse.Namespace) -> int:
     from .testnet import Testnet, plan, plan_discovery
 
     wired = args.no_discovery or args.link_delay_ms > 0 or args.colocate
-    if wired:
+    if args.from_file:
+        from pathlib import Path
+
+        from .compose import specs_from_compose
+
+        specs = specs_from_compose(Path(args.from_file), threads=args.threads)
+        wired = False
+        what = f"every service of {args.from_file} as a local process ({', '.join(s.name for s in specs)})"
+    elif wired:
         specs = plan(args.stages, args.model, args.drafter, threads=args.threads, link_delay_ms=args.link_delay_ms,
                      colocate=args.colocate)
         what = f"{args.stages} stages + drafter + head, wired by address"
@@ -116,9 +124,9 @@ def cmd_testnet(args: argparse.Namespace) -> int:
             route = " -> ".join(f"{s.name}[{s.args[s.args.index('--layers') + 1]}]@{s.address}"
                                 for s in sorted(specs, key=lambda s: s.name != "head") if "--layers" in s.args)
         else:
-            route = net.tail("head", 50).split("dsd-node route: ")[-1].splitlines()[0]
-            head = specs[-1].args
-            boot = head[head.index("--bootstrap") + 1]
+            head = next(s for s in specs if s.address == net.gateway)
+            route = net.tail(head.name, 50).split("dsd-node route: ")[-1].splitlines()[0]
+            boot = head.args[head.args.index("--bootstrap") + 1]
             print(f"bootstrap: {boot}\n  see the network: dsd route --bootstrap {boot}", file=sys.stderr)
         print(f"route: head -> {route} -> head", file=sys.stderr)
         if args.link_delay_ms:
@@ -206,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="embedded:target")
     up.add_argument("--drafter", default="embedded:drafter")
     up.add_argument("--threads", type=int, default=1, help="torch threads per node process (default 1)")
+    up.add_argument("--from", dest="from_file", metavar="COMPOSE_FILE",
+                    help="run every service of a docker-compose file (e.g. docker-compose.yml) as a local process "
+                         "on loopback: the same commands the containers run")
     up.add_argument("--replicas", type=int, default=1, help="copies of each shard (failover targets; default 1)")
     up.add_argument("--no-discovery", action="store_true",
                     help="wire nodes by address instead of a bootstrap peer and libp2p discovery")

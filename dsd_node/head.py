@@ -15,6 +15,7 @@ network (dsd_node.node_server) run exactly this loop.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,7 @@ class GenerationConfig:
     branch: int = 1  # alternatives per level at the first branch_depth levels (greedy only)
     branch_depth: int = 1
     max_inflight: int = 3  # dsi only
+    min_valid_prob: float = 0.2  # dsi: send another round only if it is this likely to be used
     sampling: SamplingParams = field(default_factory=SamplingParams)
     ignore_eos: bool = False
 
@@ -117,7 +119,7 @@ class Head:
         self.epoch = 0
         self.inflight: deque[_Sent] = deque()
         self.commits: list[tuple[int, list[int]]] = []
-        self.full_accept_rate = 0.5  # running rate of rounds accepted whole (drives the dsi depth)
+        self.valid_rate = 0.5  # running rate of rounds a successor could build on (drives the dsi depth)
 
     @property
     def generated(self) -> list[int]:
@@ -130,9 +132,11 @@ class Head:
     def _depth_limit(self) -> int:
         if self.cfg.mode != "dsi":
             return 1
-        # expected run of whole-accepted rounds ~ 1 / (1 - rate): keep about that many in flight
-        want = round(1.0 / max(1e-3, 1.0 - self.full_accept_rate))
-        return max(1, min(self.cfg.max_inflight, want))
+        # the i-th round behind the oldest is still valid with probability ~ rate^i: speculate while
+        # that chance is at least min_valid_prob (wasted rounds cost stage compute, not link time)
+        rate = min(0.99, max(0.01, self.valid_rate))
+        depth = 1 + math.floor(math.log(self.cfg.min_valid_prob) / math.log(rate))
+        return max(1, min(self.cfg.max_inflight, depth))
 
     def _speculated(self) -> int:
         return sum(len(s.assumed) + 1 for s in self.inflight)
@@ -193,13 +197,13 @@ class Head:
         self.commits.append((sent.round_id, v.accepted))
         self.known.extend(v.tokens)
         self.stats.accepted_per_round.append(len(v.tokens))
-        whole = v.accepted == sent.main_path
-        self.full_accept_rate = 0.8 * self.full_accept_rate + 0.2 * float(whole)
+        valid = v.accepted == sent.main_path
         if self.inflight:
             nxt = self.inflight[0]
-            roots = [nxt.tree.tokens[i] for i, p in enumerate(nxt.tree.parents) if p < 0]
-            if not whole or self.known[-1] not in roots:
+            valid = valid and self.known[-1] in [nxt.tree.tokens[i] for i, p in enumerate(nxt.tree.parents) if p < 0]
+            if not valid:
                 self._invalidate()
+        self.valid_rate = 0.8 * self.valid_rate + 0.2 * float(valid)
         return v.tokens
 
     async def run(self, prompt: list[int]) -> list[int]:

@@ -27,8 +27,9 @@ def free_port() -> int:
 class NodeSpec:
     name: str
     args: list[str]  # dsd-node arguments
-    address: str  # where the node's gRPC server listens
+    address: str  # where the node's gRPC server listens (a bootstrap without gRPC: its libp2p TCP port)
     env: dict[str, str] = field(default_factory=dict)
+    health: str = "grpc"  # "grpc": the gRPC health service says SERVING; "tcp": the port accepts connections
 
 
 def plan(stages: int, model: str = "embedded:target", drafter: str | None = "embedded:drafter", threads: int = 1,
@@ -121,7 +122,11 @@ class Testnet:
 
     @property
     def gateway(self) -> str:
-        return next(s.address for s in self.specs if s.name == "head")
+        """The address of the node with the head role."""
+        for s in self.specs:
+            if "--role" in s.args and "head" in s.args[s.args.index("--role") + 1].split(","):
+                return s.address
+        raise RuntimeError("this testnet has no head node")
 
     def start(self, spec: NodeSpec) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +147,10 @@ class Testnet:
                 if p.poll() is not None:
                     raise RuntimeError(f"{spec.name} exited with code {p.returncode}:\n{self.tail(spec.name)}")
                 try:
-                    await wait_healthy(spec.address, timeout=2)
+                    if spec.health == "tcp":
+                        await _wait_tcp(spec.address)
+                    else:
+                        await wait_healthy(spec.address, timeout=2)
                     break
                 except TimeoutError:
                     if time.monotonic() > deadline:
@@ -181,11 +189,15 @@ class Testnet:
         self.down()
 
 
-def run_testnet_blocking(net: Testnet, body) -> None:
-    """Bring the net up, run `body(net)` (a coroutine function), always bring it down."""
-
-    async def main() -> None:
-        async with net:
-            await body(net)
-
-    asyncio.run(main())
+async def _wait_tcp(address: str, timeout: float = 2.0) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, w = await asyncio.open_connection(host, int(port))
+            w.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} does not accept connections") from None
+            await asyncio.sleep(0.2)

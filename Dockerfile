@@ -1,0 +1,60 @@
+# syntax=docker/dockerfile:1
+# One image for every DSD role (bootstrap, stage, drafter, head) and the `dsd` client. See docs/docker.md.
+#
+#   docker build -t dsd-node:local .                    # CPU torch (python:3.11-slim)
+#   docker build -t dsd-node:cuda --build-arg BASE_IMAGE=<image with python>=3.10 and pip> \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#
+# The node runs as the unprivileged user `dsd`. tc (iproute2) carries the file capability cap_net_admin+ep, so
+# netem/entrypoint.sh can shape eth0 as `dsd` when the container has NET_ADMIN in its bounding set
+# (`cap_add: [NET_ADMIN]`); without it tc fails with "Operation not permitted" and the entrypoint refuses to
+# start a node whose requested link delay cannot be applied.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG DSD_EXTRAS=test
+
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iproute2 libcap2-bin \
+    && setcap cap_net_admin+ep "$(command -v tc)" \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --shell /bin/bash dsd \
+    && mkdir -p /data && chown dsd:dsd /data
+
+WORKDIR /app
+
+# 1. Dependencies: only what .ci/install.sh needs, so this layer is rebuilt only when the dependencies, the
+#    protocol or the install script change. The editable install maps the top-level packages dsd_node and netem
+#    to /app, so the code copied in step 2 is what runs.
+COPY pyproject.toml README.md* ./
+COPY .ci/install.sh .ci/
+COPY tools/gen_proto.py tools/
+COPY proto/ proto/
+COPY dsd_node/__init__.py dsd_node/
+COPY dsd_node/proto/ dsd_node/proto/
+COPY netem/__init__.py netem/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    TORCH_INDEX_URL="$TORCH_INDEX_URL" DSD_EXTRAS="$DSD_EXTRAS" bash .ci/install.sh
+
+# 2. The embedded model pair (rarely changes), then the code.
+COPY dsd_node/embedded/ dsd_node/embedded/
+COPY . .
+# The fixed testnet bootstrap key: git does not keep mode 0600, so set owner and mode here (load_or_create_identity
+# would otherwise try to tighten a root-owned file and fail).
+COPY --chown=dsd:dsd --chmod=0600 bootstrap/identity.key bootstrap/identity.key
+# /app is read-only for `dsd`: compile the bytecode now rather than on every start.
+RUN python -m compileall -q dsd_node netem
+
+USER dsd
+# gRPC on 6000, libp2p on 4001 (the conventions of docker-compose.yml)
+ENV DSD_LISTEN=0.0.0.0:6000
+EXPOSE 6000 4001
+
+# netem/entrypoint.sh applies DSD_LINK_* with tc, then `dsd_node.compose exec` expands {hostname} / {ip} in the
+# arguments (scaled replicas advertise themselves) and execs the command.
+ENTRYPOINT ["/app/netem/entrypoint.sh", "python", "-m", "dsd_node.compose", "exec", "--"]
+CMD ["dsd-node", "--help"]
+HEALTHCHECK --interval=5s --timeout=4s --start-period=180s --retries=3 \
+    CMD ["python", "-m", "dsd_node.compose", "health", "127.0.0.1:6000"]

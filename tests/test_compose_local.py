@@ -1,0 +1,26 @@
+"""docker-compose.yml run as local processes (`dsd testnet up --from`): the containers' own commands on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import PROMPTS, hf_greedy
+from dsd_node.client import DsdClient
+from dsd_node.compose import specs_from_compose
+from dsd_node.head import GenerationConfig
+from dsd_node.testnet import Testnet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_compose_services_as_local_processes_match_hf_generate(reference, tokenizer, tmp_path):
+    specs = specs_from_compose(ROOT / "docker-compose.yml", threads=1, workdir=tmp_path)
+    assert {s.name for s in specs} == {"bootstrap", "stage0", "stage1", "stage2", "stage3", "gateway"}
+    async with Testnet(specs, log_dir=tmp_path / "logs") as net:
+        async with DsdClient(net.gateway) as c:
+            for mode in ("ar", "si", "dsi"):
+                for prompt in PROMPTS[:2]:
+                    r = await c.generate(prompt, GenerationConfig(mode=mode, max_new_tokens=24))
+                    assert r.tokens == hf_greedy(reference, tokenizer(prompt)["input_ids"], 24, tokenizer.eos_token_id)
+        # the gateway found its route through the bootstrap peer, as in the containers
+        assert "dsd-node route: " in net.tail("gateway", 80)
