@@ -20,7 +20,11 @@ def add_generation_flags(ap: argparse.ArgumentParser) -> None:
                         "dsi: si with several rounds in flight (default si)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--draft-k", type=int, default=4, help="draft depth: tokens proposed per round (default 4)")
-    g.add_argument("--max-inflight", type=int, default=3, help="dsi: most rounds in flight (default 3)")
+    g.add_argument("--max-inflight", type=int, default=0,
+                   help="dsi: most rounds in flight (default 0: one per pipeline stage, trimmed when drafts are often rejected)")
+    g.add_argument("--branch", type=int, default=1, help="draft tree: alternatives per level at the first levels (1)")
+    g.add_argument("--branch-depth", type=int, default=1, help="draft tree: levels that get alternatives (1)")
+    g.add_argument("--max-nodes", type=int, default=0, help="draft tree: total nodes per round (default 0: no cap)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -38,7 +42,8 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     sampling = SamplingParams.create(args.temperature, args.top_p, args.seed, args.adaptive, args.adaptive_margin,
                                      args.adaptive_tie_margin)
     cfg = GenerationConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, draft_k=args.draft_k,
-                           max_inflight=args.max_inflight, sampling=sampling, ignore_eos=args.ignore_eos)
+                           max_inflight=args.max_inflight, sampling=sampling, ignore_eos=args.ignore_eos,
+                           branch=args.branch, branch_depth=args.branch_depth, max_nodes=args.max_nodes)
     cfg.validate()
     return cfg
 

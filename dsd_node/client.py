@@ -69,7 +69,8 @@ class DsdClient:
         cfg.validate()
         req = pb.GenerateRequest(mode=cfg.mode, max_new_tokens=cfg.max_new_tokens, draft_k=cfg.draft_k,
                                  sampling=sampling_to_pb(cfg.sampling), max_inflight=cfg.max_inflight,
-                                 ignore_eos=cfg.ignore_eos)
+                                 ignore_eos=cfg.ignore_eos, branch=cfg.branch, branch_depth=cfg.branch_depth,
+                                 max_nodes=cfg.max_nodes)
         if isinstance(prompt, str):
             req.prompt = prompt
         else:

@@ -29,6 +29,7 @@ class DraftRequest:
     branch: int = 1
     branch_depth: int = 1
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_nodes: int = 0  # 0: no cap; the main chain comes first, alternatives fill what is left
 
 
 @dataclass
@@ -104,14 +105,17 @@ class Drafter:
         dists: list[SparseDist | None] = []
         main: list[int] = []
         parent = -1
-        for level in range(req.depth):
+        depth = min(req.depth, req.max_nodes) if req.max_nodes else req.depth
+        alt_budget = req.max_nodes - depth if req.max_nodes else req.branch * req.branch_depth
+        for level in range(depth):
             if sample:
                 q = target_probs(logits, req.sampling)
                 tok = int(torch.multinomial(q, 1, generator=s.rng).item())
                 alts: list[int] = []
                 dists.append(SparseDist.from_probs(q))
             else:
-                n_alt = req.branch if level < req.branch_depth else 0
+                n_alt = min(alt_budget, req.branch if level < req.branch_depth else 0)
+                alt_budget -= n_alt
                 top = torch.topk(logits, 1 + n_alt).indices.tolist()
                 tok, alts = top[0], top[1:]
             main.append(len(tokens))
@@ -121,6 +125,6 @@ class Drafter:
             for a in alts:
                 tokens.append(a)
                 parents.append(parents[parent])
-            if level + 1 < req.depth:
+            if level + 1 < depth:
                 logits = self._feed(s, [tok])
         return Draft(TokenTree(tokens, parents, 0, dists), main, (time.perf_counter() - t0) * 1e3)

@@ -50,7 +50,8 @@ class GenerationConfig:
     draft_k: int = 4
     branch: int = 1  # alternatives per level at the first branch_depth levels (greedy only)
     branch_depth: int = 1
-    max_inflight: int = 3  # dsi only
+    max_nodes: int = 0  # total draft tree nodes per round (0: no cap)
+    max_inflight: int = 0  # dsi: most rounds in flight; 0 = one per pipeline stage
     min_valid_prob: float = 0.2  # dsi: send another round only if it is this likely to be used
     sampling: SamplingParams = field(default_factory=SamplingParams)
     ignore_eos: bool = False
@@ -62,8 +63,8 @@ class GenerationConfig:
             raise ValueError("max_new_tokens must be at least 1")
         if self.mode != "ar" and not 1 <= self.draft_k <= 64:
             raise ValueError("draft_k must be between 1 and 64")
-        if self.max_inflight < 1:
-            raise ValueError("max_inflight must be at least 1")
+        if self.max_inflight < 0 or self.branch < 0 or self.branch_depth < 0 or self.max_nodes < 0:
+            raise ValueError("max_inflight, branch, branch_depth and max_nodes cannot be negative")
 
 
 @dataclass
@@ -105,13 +106,15 @@ class Head:
     """Runs one session's generation loop over a pipeline."""
 
     def __init__(self, session_id: str, pipeline: Pipeline, drafter: DraftSource | None, cfg: GenerationConfig,
-                 eos_token_id: int | None = None, on_tokens: Callable[[list[int]], Awaitable[None]] | None = None):
+                 eos_token_id: int | None = None, on_tokens: Callable[[list[int]], Awaitable[None]] | None = None,
+                 pipeline_depth: int = 1):
         cfg.validate()
         if cfg.mode != "ar" and drafter is None:
             raise ValueError(f"mode {cfg.mode} needs a drafter")
         self.sid, self.pipe, self.drafter, self.cfg = session_id, pipeline, drafter, cfg
         self.eos = None if cfg.ignore_eos else eos_token_id
         self.on_tokens = on_tokens
+        self.pipeline_depth = pipeline_depth  # stages in the route: the default number of dsi rounds in flight
         self.stats = Stats(cfg.mode)
         self.known: list[int] = []  # committed tokens; the last one (y) is not yet in any KV cache
         self.n_prompt = 0
@@ -136,7 +139,7 @@ class Head:
         # that chance is at least min_valid_prob (wasted rounds cost stage compute, not link time)
         rate = min(0.99, max(0.01, self.valid_rate))
         depth = 1 + math.floor(math.log(self.cfg.min_valid_prob) / math.log(rate))
-        return max(1, min(self.cfg.max_inflight, depth))
+        return max(1, min(self.cfg.max_inflight or self.pipeline_depth, depth))
 
     def _speculated(self) -> int:
         return sum(len(s.assumed) + 1 for s in self.inflight)
@@ -144,7 +147,7 @@ class Head:
     async def _draft(self, context: list[int], depth: int) -> Draft:
         cfg = self.cfg
         sample = cfg.sampling.rule == Rule.SAMPLE
-        req = DraftRequest(context, depth, 0 if sample else cfg.branch, cfg.branch_depth, cfg.sampling)
+        req = DraftRequest(context, depth, 0 if sample else cfg.branch, cfg.branch_depth, cfg.sampling, cfg.max_nodes)
         d = await self.drafter.draft(self.sid, req)
         self.stats.draft_ms += d.draft_ms
         return d

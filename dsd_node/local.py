@@ -83,7 +83,7 @@ class LocalEngine:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         sid = session_id or uuid.uuid4().hex
         head = Head(sid, self.pipeline, LocalDraftSource(self.drafter) if self.drafter else None, cfg,
-                    self.tokenizer.eos_token_id)
+                    self.tokenizer.eos_token_id, pipeline_depth=len(self.handlers))
         try:
             tokens = await head.run(ids)
             if keep_session:

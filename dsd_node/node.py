@@ -108,7 +108,8 @@ async def run_node(cfg: dict) -> None:
             a, b = parse_layers(cfg["layers"]) if cfg["layers"] else (0, n)
             shard = load_shard(model, a, b, cfg["dtype"])
             tok = load_tokenizer(model) if shard.is_last else None
-            stage_handler = StageHandler(ShardRunner(shard, max_sessions=state.max_sessions),
+            kv_cap = int(cfg["max_kv_mb"]) << 20 or None
+            stage_handler = StageHandler(ShardRunner(shard, max_sessions=state.max_sessions, max_kv_bytes=kv_cap),
                                          low_importance=(lambda: low_importance_mask(tok)) if tok else None)
             state.num_layers = shard.num_layers
             rpc.add_StageServicer_to_server(StageService(state, stage_handler), server)

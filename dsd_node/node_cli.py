@@ -20,7 +20,7 @@ ROLES = ("stage", "drafter", "head", "bootstrap")
 DEFAULTS = {
     "role": "stage", "model": "embedded:target", "layers": None, "listen": "127.0.0.1:0", "drafter": None,
     "drafter_addr": None, "route": None, "dtype": "float32", "threads": 0, "max_sessions": 64,
-    "session_ttl": 300.0, "max_message_mb": 64, "max_inflight": 3, "round_timeout": 60.0,
+    "session_ttl": 300.0, "max_message_mb": 64, "max_inflight": 0, "max_kv_mb": 0, "round_timeout": 60.0,
     "identity": None, "bootstrap": [], "listen_p2p": None, "log_level": "info", "advertise": None,
     "announce_ttl": 30.0, "route_wait": 3600.0,
 }
@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-sessions", dest="max_sessions", type=int, help="concurrent sessions (default 64)")
     ap.add_argument("--session-ttl", dest="session_ttl", type=float, help="idle seconds before a session expires (300)")
     ap.add_argument("--max-message-mb", dest="max_message_mb", type=int, help="largest accepted message (64 MB)")
-    ap.add_argument("--max-inflight", dest="max_inflight", type=int, help="head: default rounds in flight for dsi (3)")
+    ap.add_argument("--max-inflight", dest="max_inflight", type=int,
+                    help="head: default most dsi rounds in flight (0: one per stage of the route)")
+    ap.add_argument("--max-kv-mb", dest="max_kv_mb", type=int,
+                    help="stage: refuse new sessions while the KV caches hold this many MB (0: no cap)")
     ap.add_argument("--round-timeout", dest="round_timeout", type=float, help="head: seconds to wait for a verdict (60)")
     ap.add_argument("--identity", help="libp2p identity key file (created on first start, mode 0600)")
     ap.add_argument("--bootstrap", action="append", help="bootstrap peer multiaddr (repeatable)")

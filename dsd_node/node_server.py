@@ -181,7 +181,7 @@ class DrafterService(rpc.DrafterServicer):
         if any(not 0 <= t < self.drafter.vocab_size for t in request.context):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "context token outside the vocabulary")
         req = DraftRequest(list(request.context), request.depth, request.branch, request.branch_depth,
-                           sampling_from_pb(request.sampling))
+                           sampling_from_pb(request.sampling), request.max_nodes)
         d = await asyncio.to_thread(self.drafter.draft, request.session_id or "anonymous", req)
         return pb.DraftReply(tree=tree_to_pb(d.tree), main_path=d.main_path, draft_ms=d.draft_ms)
 
@@ -196,7 +196,7 @@ class GatewayConfig:
     route: list[Hop]
     tokenizer: object
     drafter: object | None  # a DraftSource
-    default_max_inflight: int = 3
+    default_max_inflight: int = 0  # 0: one round in flight per stage of the route
     round_timeout_s: float = 60.0
     reroute: Callable[[list[Hop]], Awaitable[list[Hop]]] | None = None  # failover (with discovery)
 
@@ -222,7 +222,8 @@ class GatewayService(rpc.GatewayServicer):
                                          rule == Rule.ADAPTIVE, s.adaptive_margin, s.adaptive_tie_margin)
         return GenerationConfig(mode=req.mode or "si", max_new_tokens=req.max_new_tokens or 64,
                                 draft_k=req.draft_k or 4, max_inflight=req.max_inflight or self.cfg.default_max_inflight,
-                                sampling=sampling, ignore_eos=req.ignore_eos)
+                                sampling=sampling, ignore_eos=req.ignore_eos, branch=req.branch,
+                                branch_depth=req.branch_depth, max_nodes=req.max_nodes)
 
     async def Generate(self, request, context):
         if self.cfg is None:
@@ -284,7 +285,7 @@ class GatewayService(rpc.GatewayServicer):
         route = self.cfg.route
         pipe = GrpcPipeline(sid, route, self.state.address, self.state.channels.get(route[0].address), verdicts,
                             self.cfg.round_timeout_s)
-        head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None)
+        head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
         head.on_tokens = lambda new: emit(new, head)
         failure = None
         try:

@@ -107,7 +107,7 @@ class RemoteDraftSource:
         try:
             r = await self.stub.Draft(pb.DraftRequest(
                 session_id=session_id, context=req.context, depth=req.depth, branch=req.branch,
-                branch_depth=req.branch_depth, sampling=sampling_to_pb(req.sampling)), timeout=60)
+                branch_depth=req.branch_depth, sampling=sampling_to_pb(req.sampling), max_nodes=req.max_nodes), timeout=60)
         except grpc.aio.AioRpcError as e:
             raise GenerationError(f"drafter at {self.address} failed: {rpc_error_text(e)}") from e
         return Draft(tree_from_pb(r.tree), list(r.main_path), (time.perf_counter() - t0) * 1e3)

@@ -96,6 +96,17 @@ def test_drafter_with_another_tokenizer_is_refused(tokenizer, tmp_path):
         check_same_tokenizer(tokenizer, other, "embedded:target", "other")
 
 
+def test_draft_tree_budget():
+    from dsd_node.drafter import Drafter, DraftRequest
+
+    d = Drafter("embedded:drafter")
+    tree = d.draft("s", DraftRequest([1, 2, 3], depth=5, branch=2, branch_depth=2)).tree
+    assert len(tree) == 5 + 2 * 2 and tree.depths().count(0) == 3  # the main chain + 2 alternatives at 2 levels
+    capped = d.draft("s", DraftRequest([1, 2, 3], depth=5, branch=2, branch_depth=2, max_nodes=6))
+    assert len(capped.tree) == 6 and len(capped.main_path) == 5  # the main chain first
+    assert len(d.draft("s", DraftRequest([1, 2, 3], depth=5, max_nodes=3)).tree) == 3
+
+
 def test_malformed_trees_are_refused():
     with pytest.raises(TreeError):
         TokenTree([1, 2], [-1, 1]).validate()  # a node cannot be its own parent

@@ -47,9 +47,10 @@ def net(request):
 @pytest.mark.parametrize("mode", ["ar", "si", "dsi"])
 async def test_greedy_through_stage_processes_equals_hf_generate(net, reference, tokenizer, mode):
     async with DsdClient(net.gateway) as c:
-        for prompt in PROMPTS:
+        for i, prompt in enumerate(PROMPTS):
             ids = tokenizer(prompt)["input_ids"]
-            r = await c.generate(prompt, GenerationConfig(mode=mode, max_new_tokens=32, max_inflight=3))
+            inflight = [1, 2, 4, 0][i % 4]  # 0: one per stage
+            r = await c.generate(prompt, GenerationConfig(mode=mode, max_new_tokens=32, max_inflight=inflight))
             assert r.tokens == hf_greedy(reference, ids, 32, tokenizer.eos_token_id), (mode, prompt)
             assert r.stats["new_tokens"] == len(r.tokens) and r.stats["rounds"] >= 1
             assert tokenizer.decode(r.tokens) == r.text
@@ -202,10 +203,16 @@ def test_config_file_environment_and_flags(tmp_path):
 
         i = asyncio.run(info())
         assert (i.layer_start, i.layer_end, i.max_sessions, i.model, i.num_layers) == (2, 6, 7, "embedded:target", 8)
+        assert i.tokens_per_s > 0 and i.model_hash
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=20) == 0
     finally:
         p.kill()
+    key = tmp_path / "id" / "node.key"
+    ids = [subprocess.run([sys.executable, "-m", "dsd_node.node_cli", "--print-peer-id", "--identity", str(key)],
+                          capture_output=True, text=True, timeout=60).stdout.strip() for _ in range(2)]
+    assert ids[0].startswith("12D3Koo") and ids[0] == ids[1]  # created once, then the same identity
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
     bad = subprocess.run([sys.executable, "-m", "dsd_node.node_cli", "--role", "stage", "--layers", "6:2"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "bad layer range" in bad.stderr and "Traceback" not in bad.stderr

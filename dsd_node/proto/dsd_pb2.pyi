@@ -152,7 +152,7 @@ class EndSessionReply(_message.Message):
     def __init__(self) -> None: ...
 
 class DraftRequest(_message.Message):
-    __slots__ = ("session_id", "context", "depth", "branch", "branch_depth", "roots", "sampling")
+    __slots__ = ("session_id", "context", "depth", "branch", "branch_depth", "roots", "sampling", "max_nodes")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class DraftRequest(_message.Message):
     BRANCH_DEPTH_FIELD_NUMBER: _ClassVar[int]
     ROOTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     context: _containers.RepeatedScalarFieldContainer[int]
     depth: int
@@ -167,7 +168,8 @@ class DraftRequest(_message.Message):
     branch_depth: int
     roots: int
     sampling: Sampling
-    def __init__(self, session_id: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., depth: _Optional[int] = ..., branch: _Optional[int] = ..., branch_depth: _Optional[int] = ..., roots: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    max_nodes: int
+    def __init__(self, session_id: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., depth: _Optional[int] = ..., branch: _Optional[int] = ..., branch_depth: _Optional[int] = ..., roots: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_nodes: _Optional[int] = ...) -> None: ...
 
 class DraftReply(_message.Message):
     __slots__ = ("tree", "main_path", "draft_ms")
@@ -214,7 +216,7 @@ class NodeInfo(_message.Message):
     def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_tokens", "mode", "max_new_tokens", "draft_k", "sampling", "max_inflight", "ignore_eos")
+    __slots__ = ("prompt", "prompt_tokens", "mode", "max_new_tokens", "draft_k", "sampling", "max_inflight", "ignore_eos", "branch", "branch_depth", "max_nodes")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +225,9 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
     mode: str
@@ -231,7 +236,10 @@ class GenerateRequest(_message.Message):
     sampling: Sampling
     max_inflight: int
     ignore_eos: bool
-    def __init__(self, prompt: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., draft_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_inflight: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    branch: int
+    branch_depth: int
+    max_nodes: int
+    def __init__(self, prompt: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., draft_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_inflight: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., branch: _Optional[int] = ..., branch_depth: _Optional[int] = ..., max_nodes: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("rounds", "rounds_wasted", "accepted_per_round", "tokens_per_s", "ms_per_token", "new_tokens", "inflight", "mode", "draft_ms", "wall_ms", "failovers")
