@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# One image for every DSD role (bootstrap, stage, drafter, head) and the `dsd` client. See docs/docker.md.
+# One image for every DSD role (bootstrap, stage, drafter, head) and the `dsd` client. See README.md, "Docker testnet".
 #
 #   docker build -t dsd-node:local .                    # CPU torch (python:3.11-slim)
 #   docker build -t dsd-node:cuda --build-arg BASE_IMAGE=<image with python>=3.10 and pip> \
