@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 
 from .head import MODES, GenerationConfig
@@ -161,24 +162,23 @@ def cmd_testnet(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     async def body() -> int:
         from .node_server import Channels
-        from .p2p.discovery import Discovery, DiscoveryError
+        from .p2p.discovery import Discovery, DiscoveryError, quiet_libp2p_logging
         from .p2p.identity import Identity
-        from .peers import discover_route, probe_rtt
+        from .peers import probe_all, route_of
         from .routing import RouteError, format_route_table
 
         d = Discovery(Identity.generate(), bootstrap=args.bootstrap)
         channels = Channels()
         try:
             await d.start()
+            quiet_libp2p_logging(logging.CRITICAL)  # dead peers' dial errors are expected here
             records = await d.find(args.model)
-            rtts = await asyncio.gather(*(probe_rtt(channels, r.grpc_address) for r in records))
-            rtt = {r.peer_id: t for r, t in zip(records, rtts, strict=True) if t is not None}
+            rtt = await probe_all(channels, records)
             print(format_route_table(records, rtt) if records else f"no node announces model {args.model}")
-            stages = [r for r in records if r.role == "stage"]
-            if stages:
+            if records:
                 try:
-                    hops, _ = await discover_route(d, channels, args.model, None, stages[0].num_layers)
-                    print("route: " + " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in hops))
+                    hops = route_of(records, rtt, max(r.num_layers for r in records))
+                    print("route: " + " -> ".join(f"{h.grpc_address}[{h.layer_start}:{h.layer_end}]" for h in hops))
                 except RouteError as e:
                     print(f"no complete route: {e}")
                     return 1

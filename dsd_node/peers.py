@@ -60,13 +60,22 @@ async def stage_records(discovery: Discovery, model_id: str, model_hash: str | N
     return [r for r in await discovery.find(model_id, expected_model_hash=model_hash) if r.role == "stage"]
 
 
+async def probe_all(channels: Channels, records: list[NodeRecord]) -> dict[str, float]:
+    """Peer id -> RTT in ms of every record's node that answers now."""
+    rtts = await asyncio.gather(*(probe_rtt(channels, r.grpc_address) for r in records))
+    return {r.peer_id: rtt for r, rtt in zip(records, rtts, strict=True) if rtt is not None}
+
+
+def route_of(records: list[NodeRecord], rtt_ms: dict[str, float], num_layers: int) -> list[NodeRecord]:
+    """The cheapest complete route among the stages that answered; RouteError names missing layers."""
+    return build_route([r for r in records if r.role == "stage" and r.peer_id in rtt_ms], num_layers, rtt_ms=rtt_ms)
+
+
 async def discover_route(discovery: Discovery, channels: Channels, model_id: str, model_hash: str | None,
                          num_layers: int, exclude: set[str] = frozenset()) -> tuple[list[Hop], list[NodeRecord]]:
-    """The cheapest complete route among live stages (RTT measured now); RouteError names missing layers."""
+    """Find the stages of a model, measure their RTT now, and choose the route."""
     records = [r for r in await stage_records(discovery, model_id, model_hash) if r.peer_id not in exclude]
-    rtts = await asyncio.gather(*(probe_rtt(channels, r.grpc_address) for r in records))
-    live = {r.peer_id: rtt for r, rtt in zip(records, rtts, strict=True) if rtt is not None}
-    chosen = build_route([r for r in records if r.peer_id in live], num_layers, rtt_ms=live)
+    chosen = route_of(records, await probe_all(channels, records), num_layers)
     return [Hop(r.grpc_address, r.layer_start, r.layer_end) for r in chosen], chosen
 
 

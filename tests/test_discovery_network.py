@@ -10,6 +10,7 @@ import sys
 import time
 
 from conftest import PROMPTS, hf_greedy
+
 from dsd_node.client import DsdClient
 from dsd_node.head import GenerationConfig
 from dsd_node.node_server import wait_healthy
@@ -89,7 +90,7 @@ async def test_discovery_replicas_waiting_head_and_failover(reference, tokenizer
         # `dsd route` prints the table and a complete route
         p = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "dsd_node.cli", "route", "--bootstrap", boot],
                                     capture_output=True, text=True, timeout=60)
-        assert p.returncode == 0, p.stderr
+        assert p.returncode == 0, p.stdout + p.stderr
         assert "LAYERS" in p.stdout and "route: " in p.stdout and victim.address not in p.stdout.split("route: ")[1]
     finally:
         net.down()

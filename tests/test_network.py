@@ -47,7 +47,7 @@ def net(request):
 @pytest.mark.parametrize("mode", ["ar", "si", "dsi"])
 async def test_greedy_through_stage_processes_equals_hf_generate(net, reference, tokenizer, mode):
     async with DsdClient(net.gateway) as c:
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(PROMPTS[:4]):
             ids = tokenizer(prompt)["input_ids"]
             inflight = [1, 2, 4, 0][i % 4]  # 0: one per stage
             r = await c.generate(prompt, GenerationConfig(mode=mode, max_new_tokens=32, max_inflight=inflight))
