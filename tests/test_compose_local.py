@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import PROMPTS, hf_greedy
+
 from dsd_node.client import DsdClient
 from dsd_node.compose import specs_from_compose
 from dsd_node.head import GenerationConfig
