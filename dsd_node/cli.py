@@ -240,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap peer, e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... (repeatable)")
     r.add_argument("--model", default="embedded:target", help="model id the stages announce (default embedded:target)")
     r.set_defaults(func=cmd_route)
+
+    from .bench import register as register_bench
+
+    register_bench(sub)
     return ap
 
 

@@ -190,13 +190,13 @@ class Head:
         self.inflight.clear()
         self.epoch += 1
 
-    def _on_verdict(self, v: VerdictMsg) -> list[int]:
-        """Commit a verdict; returns the newly committed tokens."""
+    def _on_verdict(self, v: VerdictMsg) -> None:
+        """Commit a verdict; give up the rounds in flight that it makes invalid."""
         sent = self.inflight.popleft()
         if v.stale:  # the last stage found the round built on something not accepted
             self.stats.rounds_wasted += 1
             self._invalidate()
-            return []
+            return
         self.commits.append((sent.round_id, v.accepted))
         self.known.extend(v.tokens)
         self.stats.accepted_per_round.append(len(v.tokens))
@@ -207,7 +207,6 @@ class Head:
             if not valid:
                 self._invalidate()
         self.valid_rate = 0.8 * self.valid_rate + 0.2 * float(valid)
-        return v.tokens
 
     async def run(self, prompt: list[int]) -> list[int]:
         """Generate; returns the new tokens (cut at max_new_tokens and after the first EOS)."""
@@ -218,6 +217,9 @@ class Head:
         await self._send_round(prompt)
         emitted = 0
         while True:
+            while len(self.inflight) < self._depth_limit() and \
+                    len(self.generated) + self._speculated() < self.cfg.max_new_tokens:
+                await self._send_round(None)  # dsi: more rounds on top of those in flight
             v = await self.pipe.recv()
             if not self.inflight or v.round_id != self.inflight[0].round_id:
                 continue  # a verdict for a round already given up (an older epoch)
@@ -228,9 +230,6 @@ class Head:
             emitted = len(out)
             if self._done():
                 break
-            while len(self.inflight) < self._depth_limit() and \
-                    len(self.generated) + self._speculated() < self.cfg.max_new_tokens:
-                await self._send_round(None)
         self.stats.new_tokens = len(self.trimmed())
         self.stats.wall_ms = (time.perf_counter() - t0) * 1e3
         return self.trimmed()
