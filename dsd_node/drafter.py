@@ -60,13 +60,6 @@ class Drafter:
     def end_session(self, session_id: str) -> bool:
         return self.sessions.pop(session_id, None) is not None
 
-    def expire(self, ttl_s: float) -> list[str]:
-        now = time.monotonic()
-        old = [sid for sid, s in self.sessions.items() if now - s.last_used > ttl_s]
-        for sid in old:
-            del self.sessions[sid]
-        return old
-
     def _session(self, session_id: str, seed: int) -> _DraftSession:
         s = self.sessions.get(session_id)
         if s is None:

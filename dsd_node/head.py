@@ -52,7 +52,7 @@ class GenerationConfig:
     branch_depth: int = 1
     max_nodes: int = 0  # total draft tree nodes per round (0: no cap)
     max_inflight: int = 0  # dsi: most rounds in flight; 0 = one per pipeline stage
-    min_valid_prob: float = 0.2  # dsi: send another round only if it is this likely to be used
+    min_valid_prob: float = 0.35  # dsi: send another round only if it is this likely to be used
     sampling: SamplingParams = field(default_factory=SamplingParams)
     ignore_eos: bool = False
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +19,6 @@ class SessionLimitError(RuntimeError):
 @dataclass
 class ShardSession:
     cache: TreeKVCache = field(default_factory=TreeKVCache)
-    last_used: float = field(default_factory=time.monotonic)
     epoch: int = 0  # newest epoch seen: rounds of older epochs are stale
     verifier: VerifierSession | None = None  # last shard only
 
@@ -38,28 +36,19 @@ class ShardRunner:
         self.max_kv_bytes = max_kv_bytes
         self.sessions: dict[str, ShardSession] = {}
 
-    def session(self, session_id: str, create: bool = True) -> ShardSession:
+    def session(self, session_id: str) -> ShardSession:
+        """The session's state, created on first use (SessionLimitError when the node is full)."""
         s = self.sessions.get(session_id)
         if s is None:
-            if not create:
-                raise KeyError(session_id)
             if len(self.sessions) >= self.max_sessions:
                 raise SessionLimitError(f"node is full: {len(self.sessions)}/{self.max_sessions} sessions in use, retry later")
             if self.max_kv_bytes is not None and self.kv_bytes() >= self.max_kv_bytes:
                 raise SessionLimitError(f"node is full: KV cache memory {self.kv_bytes()} >= {self.max_kv_bytes} bytes")
             s = self.sessions[session_id] = ShardSession()
-        s.last_used = time.monotonic()
         return s
 
     def end_session(self, session_id: str) -> bool:
         return self.sessions.pop(session_id, None) is not None
-
-    def expire(self, ttl_s: float) -> list[str]:
-        now = time.monotonic()
-        old = [sid for sid, s in self.sessions.items() if now - s.last_used > ttl_s]
-        for sid in old:
-            del self.sessions[sid]
-        return old
 
     def kv_bytes(self) -> int:
         return sum(s.cache.nbytes() for s in self.sessions.values())
