@@ -162,27 +162,35 @@ def cmd_testnet(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     async def body() -> int:
         from .node_server import Channels
-        from .p2p.discovery import Discovery, DiscoveryError, quiet_libp2p_logging
+        from .p2p.discovery import Discovery, DiscoveryError
         from .p2p.identity import Identity
         from .peers import probe_all, route_of
         from .routing import RouteError, format_route_table
 
+        logging.disable(logging.ERROR)  # py-libp2p logs every failed dial of a dead peer: expected here
         d = Discovery(Identity.generate(), bootstrap=args.bootstrap)
         channels = Channels()
         try:
             await d.start()
-            quiet_libp2p_logging(logging.CRITICAL)  # dead peers' dial errors are expected here
-            records = await d.find(args.model)
-            rtt = await probe_all(channels, records)
-            print(format_route_table(records, rtt) if records else f"no node announces model {args.model}")
-            if records:
+            found = {}
+            for attempt in range(3):  # a new peer's first lookups may miss records while its routing table fills
+                found.update({r.peer_id: r for r in await d.find(args.model)})
+                records = sorted(found.values(), key=lambda r: (r.layer_start, r.peer_id))
+                rtt = await probe_all(channels, records)
                 try:
-                    hops = route_of(records, rtt, max(r.num_layers for r in records))
-                    print("route: " + " -> ".join(f"{h.grpc_address}[{h.layer_start}:{h.layer_end}]" for h in hops))
+                    hops = route_of(records, rtt, max((r.num_layers for r in records), default=0))
+                    problem = "" if records else f"no node announces model {args.model}"
+                    break
                 except RouteError as e:
-                    print(f"no complete route: {e}")
-                    return 1
-            return 0 if records else 1
+                    problem = f"no complete route: {e}"
+                    await asyncio.sleep(1.0 * (attempt + 1))
+            if records:
+                print(format_route_table(records, rtt))
+            if problem:
+                print(problem)
+                return 1
+            print("route: " + " -> ".join(f"{h.grpc_address}[{h.layer_start}:{h.layer_end}]" for h in hops))
+            return 0
         except DiscoveryError as e:
             print(f"dsd: {e}", file=sys.stderr)
             return 1

@@ -122,7 +122,7 @@ class StageService(rpc.StageServicer):
                 if msg is None:
                     break
                 try:
-                    out = await asyncio.to_thread(self.handler.handle, msg)
+                    out = await asyncio.to_thread(self.handler.handle, msg, False)
                 except BadRound as e:
                     problem.append((grpc.StatusCode.INVALID_ARGUMENT, str(e)))
                     break
@@ -150,14 +150,14 @@ class StageService(rpc.StageServicer):
                         problem.append((grpc.StatusCode.UNAVAILABLE, f"gateway {msg.reply_to} unreachable: {e}"))
                         break
         finally:
+            if sid is not None:  # first, before any await: a cancelled handler must still free the session
+                self.runner.end_session(sid)
             reader.cancel()
             if down is not None:
                 await down.close(cancel=bool(problem))
             if verdicts is not None:
                 with contextlib.suppress(Exception):
                     await verdicts.done_writing()
-            if sid is not None:
-                self.runner.end_session(sid)
         if problem:
             code, details = problem[0]
             log.warning("session %s: %s %s", sid, code.name, details)

@@ -36,10 +36,12 @@ class ShardRunner:
         self.max_kv_bytes = max_kv_bytes
         self.sessions: dict[str, ShardSession] = {}
 
-    def session(self, session_id: str) -> ShardSession:
+    def session(self, session_id: str, create: bool = True) -> ShardSession:
         """The session's state, created on first use (SessionLimitError when the node is full)."""
         s = self.sessions.get(session_id)
         if s is None:
+            if not create:
+                raise SessionLimitError(f"session {session_id} has ended on this node")
             if len(self.sessions) >= self.max_sessions:
                 raise SessionLimitError(f"node is full: {len(self.sessions)}/{self.max_sessions} sessions in use, retry later")
             if self.max_kv_bytes is not None and self.kv_bytes() >= self.max_kv_bytes:

@@ -60,11 +60,13 @@ class StageHandler:
         if tuple(h.shape) != (1, len(msg.tree), sh.hidden_size):
             raise BadRound(f"hidden states have shape {tuple(h.shape)}, expected {(1, len(msg.tree), sh.hidden_size)}")
 
-    def handle(self, msg: RoundMsg) -> RoundMsg | VerdictMsg | None:
-        """Run one round. Returns the message for the next stage, the verdict (last stage), or None."""
+    def handle(self, msg: RoundMsg, create: bool = True) -> RoundMsg | VerdictMsg | None:
+        """Run one round. Returns the message for the next stage, the verdict (last stage), or None.
+
+        create=False: the session must exist already (a stream that owns it may have freed it meanwhile)."""
         self.check(msg)
         sh = self.runner.shard
-        sess = self.runner.session(msg.session_id)
+        sess = self.runner.session(msg.session_id, create)
         if msg.epoch < sess.epoch and msg.tree.tokens:
             msg = replace(msg, tree=TokenTree([], []), hidden=None)  # keep base: those segments are still live
         sess.epoch = max(sess.epoch, msg.epoch)

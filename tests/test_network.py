@@ -81,17 +81,22 @@ async def _sessions(addresses: list[str]) -> list[int]:
     return out
 
 
+async def _wait_no_sessions(stages: list[str], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(await _sessions(stages)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await _sessions(stages) == [0] * len(stages)
+
+
 async def test_cancel_frees_the_session_on_every_stage(net2):
     stages = [s.address for s in net2.specs if s.name.startswith("stage")]
+    await _wait_no_sessions(stages)  # finished sessions of earlier tests are freed too
     async with DsdClient(net2.gateway) as c:
         stream = c.stream(PROMPTS[0], GenerationConfig(mode="ar", max_new_tokens=1000, ignore_eos=True))
         await stream.__anext__()
         assert sum(await _sessions(stages)) == len(stages)  # the session lives on every stage
         await stream.aclose()  # cancels the call
-    deadline = time.monotonic() + 10
-    while sum(await _sessions(stages)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert await _sessions(stages) == [0] * len(stages)
+    await _wait_no_sessions(stages)
 
 
 async def _forward_error(address: str, msgs: list[pb.Round]) -> grpc.aio.AioRpcError:
