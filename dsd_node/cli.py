@@ -178,7 +178,7 @@ def cmd_route(args: argparse.Namespace) -> int:
                 records = sorted(found.values(), key=lambda r: (r.layer_start, r.peer_id))
                 rtt = await probe_all(channels, records)
                 try:
-                    hops = route_of(records, rtt, max((r.num_layers for r in records), default=0))
+                    hops = route_of(records, rtt, max((r.num_layers for r in records), default=0), args.model)
                     problem = "" if records else f"no node announces model {args.model}"
                     break
                 except RouteError as e:

@@ -27,6 +27,8 @@ from .node_server import (
     make_server,
     query_info,
 )
+from .p2p.discovery import DiscoveryError
+from .p2p.identity import IdentityError
 from .pipeline_client import RemoteDraftSource
 from .proto import dsd_pb2_grpc as rpc
 from .shard_runner import ShardRunner
@@ -146,13 +148,20 @@ async def run_node(cfg: dict) -> None:
                     tasks.append(asyncio.create_task(discovery.run_announcer(
                         _record_fn(state, role, stage_handler, drafter, float(cfg["announce_ttl"])),
                         float(cfg["announce_ttl"]) / 3)))
-        if gateway is not None:
-            gateway.cfg = await _gateway_config(cfg, state, drafter, self_address, discovery)
+        if gateway is not None:  # may wait for stages to appear: SIGTERM must still stop us meanwhile
+            building = asyncio.create_task(_gateway_config(cfg, state, drafter, self_address, discovery))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({building, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not building.done():
+                building.cancel()
+                return
+            gateway.cfg = building.result()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         layers = f" layers={stage_handler.runner.shard.start}:{stage_handler.runner.shard.end}" if stage_handler else ""
         print(f"dsd-node ready: role={state.role} model={model}{layers} listen={address}", flush=True)
         await stop.wait()
-    except RouteIncomplete as e:
+    except (RouteIncomplete, DiscoveryError, IdentityError) as e:
         print(f"dsd-node: {e}", flush=True)
         raise SystemExit(2) from e
     finally:

@@ -66,16 +66,18 @@ async def probe_all(channels: Channels, records: list[NodeRecord]) -> dict[str, 
     return {r.peer_id: rtt for r, rtt in zip(records, rtts, strict=True) if rtt is not None}
 
 
-def route_of(records: list[NodeRecord], rtt_ms: dict[str, float], num_layers: int) -> list[NodeRecord]:
+def route_of(records: list[NodeRecord], rtt_ms: dict[str, float], num_layers: int,
+             model_id: str | None = None) -> list[NodeRecord]:
     """The cheapest complete route among the stages that answered; RouteError names missing layers."""
-    return build_route([r for r in records if r.role == "stage" and r.peer_id in rtt_ms], num_layers, rtt_ms=rtt_ms)
+    return build_route([r for r in records if r.role == "stage" and r.peer_id in rtt_ms], num_layers, rtt_ms=rtt_ms,
+                       model_id=model_id)
 
 
 async def discover_route(discovery: Discovery, channels: Channels, model_id: str, model_hash: str | None,
                          num_layers: int, exclude: set[str] = frozenset()) -> tuple[list[Hop], list[NodeRecord]]:
     """Find the stages of a model, measure their RTT now, and choose the route."""
     records = [r for r in await stage_records(discovery, model_id, model_hash) if r.peer_id not in exclude]
-    chosen = route_of(records, await probe_all(channels, records), num_layers)
+    chosen = route_of(records, await probe_all(channels, records), num_layers, model_id)
     return [Hop(r.grpc_address, r.layer_start, r.layer_end) for r in chosen], chosen
 
 

@@ -59,6 +59,7 @@ def build_route(
     *,
     rtt_ms: Mapping[str, float] | None = None,
     exclude: Iterable[str] = frozenset(),
+    model_id: str | None = None,
 ) -> list[NodeRecord]:
     """The cheapest chain of stage records covering [0, num_layers) contiguously.
 
@@ -88,7 +89,7 @@ def build_route(
     if num_layers in best and num_layers > 0:
         return best[num_layers][2]
 
-    model = records[0].model_id if records else "the model"
+    model = model_id or (records[0].model_id if records else "the model")
     gaps = _gaps(((r.layer_start, r.layer_end) for r in usable), num_layers)
     if gaps:
         missing = ", ".join(_layers(a, b) for a, b in gaps)
