@@ -214,12 +214,9 @@ class GatewayService(rpc.GatewayServicer):
         self.sessions: dict[str, asyncio.Queue] = {}
 
     def _config(self, req: pb.GenerateRequest) -> GenerationConfig:
-        s = req.sampling
-        rule = Rule(s.rule) if s.rule in (0, 1, 2) else None
-        if rule is None:
-            raise ValueError(f"unknown sampling rule {s.rule}")
-        sampling = SamplingParams.create(s.temperature if rule == Rule.SAMPLE else 0.0, s.top_p or 1.0, s.seed,
-                                         rule == Rule.ADAPTIVE, s.adaptive_margin, s.adaptive_tie_margin)
+        s = sampling_from_pb(req.sampling)  # WireError (a ValueError) for an unknown rule
+        sampling = SamplingParams.create(s.temperature if s.rule == Rule.SAMPLE else 0.0, s.top_p, s.seed,
+                                         s.rule == Rule.ADAPTIVE, s.adaptive_margin, s.adaptive_tie_margin)
         return GenerationConfig(mode=req.mode or "si", max_new_tokens=req.max_new_tokens or 64,
                                 draft_k=req.draft_k or 4, max_inflight=req.max_inflight or self.cfg.default_max_inflight,
                                 sampling=sampling, ignore_eos=req.ignore_eos, branch=req.branch,
