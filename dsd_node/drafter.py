@@ -1,9 +1,10 @@
 """The drafter: a small model that proposes a token tree continuing a context.
 
 The tree is the drafter's most likely chain of `depth` tokens (its main path) plus, at the first
-`branch_depth` levels, up to `branch` next-best alternatives as leaf siblings: when the target
-rejects a main-path token, one of them may still match. When sampling, the drafter sends a chain
-drawn from its distribution q, with q attached to each node for lossless verification.
+`branch_depth` levels, up to `branch` alternatives as leaf siblings: when the target rejects a
+main-path token, one of them may still match. Greedy alternatives are the next-best tokens; when
+sampling, the token and its alternatives are drawn i.i.d. from the drafter's distribution q, which
+is attached to each node for lossless verification.
 
 Per session the drafter keeps its KV cache and reuses the longest common prefix with the next
 context, so a round costs one forward pass per drafted token.
@@ -101,23 +102,22 @@ class Drafter:
         depth = min(req.depth, req.max_nodes) if req.max_nodes else req.depth
         alt_budget = req.max_nodes - depth if req.max_nodes else req.branch * req.branch_depth
         for level in range(depth):
-            if sample:
+            n_alt = min(alt_budget, req.branch if level < req.branch_depth else 0)
+            alt_budget -= n_alt
+            if sample:  # the token and its alternatives drawn i.i.d. from q, as multi-step speculative sampling needs
                 q = target_probs(logits, req.sampling)
-                tok = int(torch.multinomial(q, 1, generator=s.rng).item())
-                alts: list[int] = []
-                dists.append(SparseDist.from_probs(q))
+                drawn = torch.multinomial(q, 1 + n_alt, replacement=True, generator=s.rng).tolist()
+                dists += [SparseDist.from_probs(q)] * (1 + n_alt)
             else:
-                n_alt = min(alt_budget, req.branch if level < req.branch_depth else 0)
-                alt_budget -= n_alt
-                top = torch.topk(logits, 1 + n_alt).indices.tolist()
-                tok, alts = top[0], top[1:]
+                drawn = torch.topk(logits, 1 + n_alt).indices.tolist()
+            tok, alts = drawn[0], drawn[1:]
             main.append(len(tokens))
             tokens.append(tok)
             parents.append(parent)
-            parent = len(tokens) - 1
+            siblings_parent, parent = parent, len(tokens) - 1
             for a in alts:
                 tokens.append(a)
-                parents.append(parents[parent])
+                parents.append(siblings_parent)
             if level + 1 < depth:
                 logits = self._feed(s, [tok])
         return Draft(TokenTree(tokens, parents, 0, dists), main, (time.perf_counter() - t0) * 1e3)

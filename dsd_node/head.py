@@ -25,7 +25,7 @@ from typing import Protocol
 from .drafter import Draft, DraftRequest
 from .messages import RoundMsg, VerdictMsg
 from .tree import TokenTree
-from .verify import Rule, SamplingParams
+from .verify import SamplingParams
 
 MODES = ("ar", "si", "dsi")
 
@@ -48,7 +48,7 @@ class GenerationConfig:
     mode: str = "si"
     max_new_tokens: int = 64
     draft_k: int = 4
-    branch: int = 1  # alternatives per level at the first branch_depth levels (greedy only)
+    branch: int = 1  # alternatives per level at the first branch_depth levels
     branch_depth: int = 1
     max_nodes: int = 0  # total draft tree nodes per round (0: no cap)
     max_inflight: int = 0  # dsi: most rounds in flight; 0 = one per pipeline stage
@@ -146,8 +146,7 @@ class Head:
 
     async def _draft(self, context: list[int], depth: int) -> Draft:
         cfg = self.cfg
-        sample = cfg.sampling.rule == Rule.SAMPLE
-        req = DraftRequest(context, depth, 0 if sample else cfg.branch, cfg.branch_depth, cfg.sampling, cfg.max_nodes)
+        req = DraftRequest(context, depth, cfg.branch, cfg.branch_depth, cfg.sampling, cfg.max_nodes)
         d = await self.drafter.draft(self.sid, req)
         self.stats.draft_ms += d.draft_ms
         return d

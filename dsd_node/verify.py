@@ -9,9 +9,9 @@ target's logits. The first round of a session instead starts with given prompt t
   last accepted node. Output equals the target's own greedy output.
 - SAMPLE: SpecInfer's multi-step speculative sampling. Children of a node, drawn i.i.d. from the
   draft distribution q, are tried in order: accept x with probability min(1, p(x)/q(x)); after a
-  rejection p <- norm(max(p - q, 0)). If none is accepted, the next token is drawn from p. The
-  drafter sends chains (one child per node), for which this is plain speculative sampling; roots of
-  a pipelined round are accepted only when equal to y, itself drawn from p. Lossless.
+  rejection p <- norm(max(p - q, 0)). If none is accepted, the next token is drawn from p (for a
+  chain this is plain speculative sampling). Roots of a pipelined round are accepted only when equal
+  to y, itself drawn from p. Lossless.
 - ADAPTIVE (lossy, opt-in): greedy, but a draft token also passes when it is low-importance
   (whitespace, delimiters, function words) and p_top - p_draft <= adaptive_margin, or for any
   token when p_top - p_draft <= adaptive_tie_margin (near-ties, as in MARS).

@@ -189,7 +189,8 @@ def _exact_marginals(model, ids: list[int], params: SamplingParams) -> tuple[tor
 
 @pytest.mark.parametrize("mode", ["si", "dsi"])
 def test_sampling_keeps_the_target_distribution(reference, tokenizer, random_drafter, mode):
-    """Speculative sampling with a drafter far from the target must still sample the target's distribution."""
+    """Multi-step speculative sampling over draft trees, with a drafter far from the target, must still sample
+    the target's distribution."""
     ids = tokenizer("def ")["input_ids"]
     params = SamplingParams.create(temperature=1.0, top_p=0.9, seed=0)
     p1, p2 = _exact_marginals(reference, ids, params)
@@ -198,6 +199,7 @@ def test_sampling_keeps_the_target_distribution(reference, tokenizer, random_dra
     c1, c2 = torch.zeros_like(p1), torch.zeros_like(p2)
     for seed in range(n):
         cfg = GenerationConfig(mode=mode, max_new_tokens=2, draft_k=3, max_inflight=2, ignore_eos=True,
+                               branch=2, branch_depth=2,  # trees: siblings drawn i.i.d. from q
                                sampling=SamplingParams.create(temperature=1.0, top_p=0.9, seed=seed))
         toks = eng.generate(ids, cfg).tokens
         c1[toks[0]] += 1
