@@ -78,6 +78,14 @@ class Stats:
     wall_ms: float = 0.0
     draft_ms: float = 0.0
 
+    def add(self, other: Stats) -> None:
+        """Fold in the rounds of another session of the same generation (after a failover)."""
+        self.rounds += other.rounds
+        self.rounds_wasted += other.rounds_wasted
+        self.draft_ms += other.draft_ms
+        self.accepted_per_round += other.accepted_per_round
+        self.inflight += other.inflight
+
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / (self.wall_ms / 1e3) if self.wall_ms else 0.0

@@ -242,13 +242,19 @@ class GatewayService(rpc.GatewayServicer):
         prior: list[int] = []  # tokens committed before a failover
         stats = Stats(gcfg.mode)
         failovers = 0
+        sent = 0  # characters of text streamed so far
+
+        async def emit(new: list[int], head: Head) -> None:
+            """Stream newly committed tokens with the text they add (decoded in context, so merges stay right)."""
+            nonlocal sent
+            text = tok.decode(prior + head.trimmed())
+            await context.write(pb.GenerateEvent(tokens=new, text=text[sent:]))
+            sent = len(text)
+
         while True:
             head, failure = await self._run_session(ids + prior, replace(gcfg, max_new_tokens=gcfg.max_new_tokens - len(prior)),
-                                                    context, lambda new, h, p=prior: self._emit(context, tok, p, h, new))
-            for f in ("rounds", "rounds_wasted", "draft_ms"):
-                setattr(stats, f, getattr(stats, f) + getattr(head.stats, f))
-            stats.accepted_per_round += head.stats.accepted_per_round
-            stats.inflight += head.stats.inflight
+                                                    emit)
+            stats.add(head.stats)
             prior += head.trimmed()
             if failure is None or len(prior) >= gcfg.max_new_tokens or (head.eos is not None and head.eos in prior):
                 break
@@ -268,13 +274,7 @@ class GatewayService(rpc.GatewayServicer):
             inflight=stats.inflight, mode=stats.mode, draft_ms=stats.draft_ms, wall_ms=stats.wall_ms,
             failovers=failovers)))
 
-    async def _emit(self, context, tok, prior: list[int], head: Head, new: list[int]) -> None:
-        """Stream newly committed tokens with the text they add (decoded in context, so merges stay right)."""
-        before = tok.decode(prior + head.trimmed()[: -len(new)]) if new else ""
-        text = tok.decode(prior + head.trimmed())
-        await context.write(pb.GenerateEvent(tokens=new, text=text[len(before):]))
-
-    async def _run_session(self, prompt: list[int], gcfg: GenerationConfig, context, emit) -> tuple[Head, str | None]:
+    async def _run_session(self, prompt: list[int], gcfg: GenerationConfig, emit) -> tuple[Head, str | None]:
         """One pipeline session; returns the head and the failure, if any."""
         sid = uuid.uuid4().hex
         verdicts: asyncio.Queue = asyncio.Queue()
