@@ -52,9 +52,9 @@ USER dsd
 ENV DSD_LISTEN=0.0.0.0:6000
 EXPOSE 6000 4001
 
-# netem/entrypoint.sh applies DSD_LINK_* with tc, then `dsd_node.compose exec` expands {hostname} / {ip} in the
+# netem/entrypoint.sh applies DSD_LINK_* with tc, then `dsd_node.ops.compose exec` expands {hostname} / {ip} in the
 # arguments (scaled replicas advertise themselves) and execs the command.
-ENTRYPOINT ["/app/netem/entrypoint.sh", "python", "-m", "dsd_node.compose", "exec", "--"]
+ENTRYPOINT ["/app/netem/entrypoint.sh", "python", "-m", "dsd_node.ops.compose", "exec", "--"]
 CMD ["dsd-node", "--help"]
 HEALTHCHECK --interval=5s --timeout=4s --start-period=180s --retries=3 \
-    CMD ["python", "-m", "dsd_node.compose", "health", "127.0.0.1:6000"]
+    CMD ["python", "-m", "dsd_node.ops.compose", "health", "127.0.0.1:6000"]

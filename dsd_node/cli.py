@@ -8,8 +8,8 @@ import json
 import logging
 import sys
 
-from .head import MODES, GenerationConfig
-from .verify import SamplingParams
+from dsd_node.engine.head import MODES, GenerationConfig
+from dsd_node.engine.verify import SamplingParams
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 
@@ -52,7 +52,7 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = generation_config(args)
     if args.local:
-        from .local import LocalEngine
+        from dsd_node.engine.local import LocalEngine
 
         if args.mode == "dsi":
             print("note: --local runs every stage in one process, so dsi has no link latency to hide", file=sys.stderr)
@@ -68,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 async def _generate_remote(gateway: str, prompt: str, cfg: GenerationConfig, as_json: bool) -> int:
-    from .client import ClientError, ClientResult, DsdClient
+    from dsd_node.net.client import ClientError, ClientResult, DsdClient
 
     res = ClientResult()
     async with DsdClient(gateway) as c:
@@ -98,13 +98,13 @@ def _print_stats(st: dict) -> None:
 
 
 def cmd_testnet(args: argparse.Namespace) -> int:
-    from .testnet import Testnet, plan, plan_discovery
+    from dsd_node.ops.testnet import Testnet, plan, plan_discovery
 
     wired = args.no_discovery or args.link_delay_ms > 0 or args.colocate
     if args.from_file:
         from pathlib import Path
 
-        from .compose import specs_from_compose
+        from dsd_node.ops.compose import specs_from_compose
 
         specs = specs_from_compose(Path(args.from_file), threads=args.threads)
         wired = False
@@ -161,11 +161,11 @@ def cmd_testnet(args: argparse.Namespace) -> int:
 
 def cmd_route(args: argparse.Namespace) -> int:
     async def body() -> int:
-        from .node_server import Channels
-        from .p2p.discovery import Discovery, DiscoveryError
-        from .p2p.identity import Identity
-        from .peers import probe_all, route_of
-        from .routing import RouteError, format_route_table
+        from dsd_node.net.node_server import Channels
+        from dsd_node.p2p.discovery import Discovery, DiscoveryError
+        from dsd_node.p2p.identity import Identity
+        from dsd_node.p2p.peers import probe_all, route_of
+        from dsd_node.p2p.routing import RouteError, format_route_table
 
         logging.disable(logging.ERROR)  # py-libp2p logs every failed dial of a dead peer: expected here
         d = Discovery(Identity.generate(), bootstrap=args.bootstrap)
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="embedded:target", help="model id the stages announce (default embedded:target)")
     r.set_defaults(func=cmd_route)
 
-    from .bench import register as register_bench
+    from dsd_node.ops.bench import register as register_bench
 
     register_bench(sub)
     return ap

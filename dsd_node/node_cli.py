@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=str(cfg["log_level"]).upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     if args.print_peer_id:
-        from .p2p.identity import load_or_create_identity
+        from dsd_node.p2p.identity import load_or_create_identity
 
         print(load_or_create_identity(Path(cfg["identity"] or "~/.dsd/identity.key").expanduser()).peer_id)
         return
-    from .node import run_node
+    from dsd_node.daemon.node import run_node
 
     try:
         asyncio.run(run_node(cfg))

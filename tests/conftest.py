@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from dsd_node.models import resolve_model_path
+from dsd_node.engine.models import resolve_model_path
 
 PROMPTS = [
     "def fibonacci(n):\n",
@@ -40,7 +40,7 @@ def reference(target_path):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from dsd_node.models import load_tokenizer
+    from dsd_node.engine.models import load_tokenizer
 
     return load_tokenizer("embedded:target")
 

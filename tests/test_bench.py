@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dsd_node.bench import (
+from dsd_node.ops.bench import (
     QUICK,
     BenchConfig,
     Cell,

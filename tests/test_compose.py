@@ -1,4 +1,4 @@
-"""docker-compose.yml, the Dockerfile and .ci/install.sh agree with each other and with dsd_node.compose.
+"""docker-compose.yml, the Dockerfile and .ci/install.sh agree with each other and with dsd_node.ops.compose.
 
 No Docker engine is needed. The netem entrypoint's own behaviour (delay requested, no netem: exit non-zero
 without running the command) is tested in tests/test_netem_scripts.py; here only the image's entry chain.
@@ -20,8 +20,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dsd_node import compose
-from dsd_node.compose import check_compose, check_compose_doc, load_compose, peer_id_of_key, specs_from_compose
+from dsd_node.ops import compose
+from dsd_node.ops.compose import check_compose, check_compose_doc, load_compose, peer_id_of_key, specs_from_compose
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -38,8 +38,8 @@ def doc() -> dict:
 
 @pytest.fixture
 def nodespec(monkeypatch: pytest.MonkeyPatch) -> None:
-    """NodeSpec with its `health` field (a stand-in until dsd_node.testnet.NodeSpec has it)."""
-    import dsd_node.testnet as testnet
+    """NodeSpec with its `health` field (a stand-in until dsd_node.ops.testnet.NodeSpec has it)."""
+    import dsd_node.ops.testnet as testnet
 
     if "health" not in testnet.NodeSpec.__dataclass_fields__:
         @dataclass

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from conftest import PROMPTS, hf_greedy
 
-from dsd_node.client import DsdClient
-from dsd_node.compose import specs_from_compose
-from dsd_node.head import GenerationConfig
-from dsd_node.testnet import Testnet
+from dsd_node.engine.head import GenerationConfig
+from dsd_node.net.client import DsdClient
+from dsd_node.ops.compose import specs_from_compose
+from dsd_node.ops.testnet import Testnet
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,12 +11,12 @@ import time
 
 from conftest import PROMPTS, hf_greedy
 
-from dsd_node.client import DsdClient
-from dsd_node.head import GenerationConfig
-from dsd_node.node_server import wait_healthy
+from dsd_node.engine.head import GenerationConfig
+from dsd_node.net.client import DsdClient
+from dsd_node.net.node_server import wait_healthy
+from dsd_node.ops.testnet import Testnet, plan_discovery
 from dsd_node.p2p.discovery import Discovery
 from dsd_node.p2p.identity import Identity
-from dsd_node.testnet import Testnet, plan_discovery
 
 TTL = 6.0
 

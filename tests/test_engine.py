@@ -15,12 +15,12 @@ from transformers import (
     Qwen2Config,
 )
 
-from dsd_node.head import GenerationConfig
-from dsd_node.local import LocalEngine
-from dsd_node.models import ModelError, check_same_tokenizer, load_shard, split_layers
-from dsd_node.shard_runner import ShardRunner
-from dsd_node.tree import TokenTree, TreeError
-from dsd_node.verify import SamplingParams, target_probs
+from dsd_node.engine.head import GenerationConfig
+from dsd_node.engine.local import LocalEngine
+from dsd_node.engine.models import ModelError, check_same_tokenizer, load_shard, split_layers
+from dsd_node.engine.shard_runner import ShardRunner
+from dsd_node.engine.tree import TokenTree, TreeError
+from dsd_node.engine.verify import SamplingParams, target_probs
 
 FAMILIES = {
     "llama": LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -97,7 +97,7 @@ def test_drafter_with_another_tokenizer_is_refused(tokenizer, tmp_path):
 
 
 def test_draft_tree_budget():
-    from dsd_node.drafter import Drafter, DraftRequest
+    from dsd_node.engine.drafter import Drafter, DraftRequest
 
     d = Drafter("embedded:drafter")
     tree = d.draft("s", DraftRequest([1, 2, 3], depth=5, branch=2, branch_depth=2)).tree

@@ -14,15 +14,15 @@ import pytest
 import torch
 from conftest import PROMPTS, hf_greedy
 
-from dsd_node.client import ClientError, DsdClient
-from dsd_node.head import GenerationConfig
-from dsd_node.messages import Hop, RoundMsg
-from dsd_node.node_server import query_info, wait_healthy
+from dsd_node.engine.head import GenerationConfig
+from dsd_node.engine.messages import Hop, RoundMsg
+from dsd_node.engine.tree import TokenTree
+from dsd_node.net.client import ClientError, DsdClient
+from dsd_node.net.node_server import query_info, wait_healthy
+from dsd_node.net.wire import round_to_pb
+from dsd_node.ops.testnet import Testnet, plan
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
-from dsd_node.testnet import Testnet, plan
-from dsd_node.tree import TokenTree
-from dsd_node.wire import round_to_pb
 
 EXTRA = ["--max-message-mb", "4", "--round-timeout", "20"]
 
@@ -193,7 +193,7 @@ async def test_full_node_says_so_and_killing_a_stage_fails_generation_quickly(re
 def test_config_file_environment_and_flags(tmp_path):
     cfg = tmp_path / "node.yaml"
     cfg.write_text("model: embedded:target\nlayers: '0:2'\nmax_sessions: 5\n")
-    from dsd_node.testnet import free_port
+    from dsd_node.ops.testnet import free_port
 
     addr = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "DSD_LAYERS": "2:6"}  # environment beats the file; flags beat both

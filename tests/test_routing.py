@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dsd_node.p2p.records import NodeRecord
-from dsd_node.routing import RouteError, build_route, format_route_table, hop_cost
+from dsd_node.p2p.routing import RouteError, build_route, format_route_table, hop_cost
 
 
 def rec(peer: str, start: int, end: int, *, tps: float = 10.0, sessions: int = 0, role: str = "stage") -> NodeRecord:

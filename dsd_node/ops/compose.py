@@ -1,9 +1,9 @@
 """docker-compose.yml as the one description of a DSD testnet: checks, a local-process mapping, container helpers.
 
-    python -m dsd_node.compose check [docker-compose.yml]   # list consistency problems, exit 1 if any
-    python -m dsd_node.compose specs [docker-compose.yml]   # the local processes `dsd testnet up --from` would run
-    python -m dsd_node.compose health [--tcp] HOST:PORT     # container health check: gRPC health service / TCP connect
-    python -m dsd_node.compose exec -- COMMAND [ARGS...]    # container entry: expand {hostname} / {ip}, then exec
+    python -m dsd_node.ops.compose check [docker-compose.yml]   # list consistency problems, exit 1 if any
+    python -m dsd_node.ops.compose specs [docker-compose.yml]   # the local processes `dsd testnet up --from` would run
+    python -m dsd_node.ops.compose health [--tcp] HOST:PORT     # container health check: gRPC health service / TCP connect
+    python -m dsd_node.ops.compose exec -- COMMAND [ARGS...]    # container entry: expand {hostname} / {ip}, then exec
 
 Node services (every service but `client`) run `dsd-node ...` with container addresses (`0.0.0.0:6000`,
 `stage1:6000`, `/dns4/bootstrap/tcp/4001/p2p/ID`, `/data/...`). `specs_from_compose` rewrites them onto
@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from .testnet import NodeSpec
+    from dsd_node.ops.testnet import NodeSpec
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository (in the image: /app)
+ROOT = Path(__file__).resolve().parents[2]  # the repository (in the image: /app)
 IMAGE_ROOT = "/app"  # where the Dockerfile puts the repository
 CLIENT = "client"
 NODE_COMMANDS = ("dsd-node", "dsd-bootstrap")
@@ -106,7 +106,7 @@ def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespa
 
 def parse_node(service: Mapping) -> argparse.Namespace:
     """A node service's command parsed with dsd-node's own parser; adds `roles` (list) and `p2p_port` (int or None)."""
-    from .node_cli import build_parser
+    from dsd_node.node_cli import build_parser
 
     ns = _parse(build_parser(), node_args(service))
     ns.roles = [r.strip() for r in (ns.role or "stage").split(",") if r.strip()]
@@ -130,7 +130,7 @@ def peer_id_of_key(path: Path) -> str:
     """Peer id of a libp2p identity file, read as is (no permission tightening, unlike load_or_create_identity)."""
     from libp2p.crypto.serialization import deserialize_private_key
 
-    from .p2p.identity import Identity
+    from dsd_node.p2p.identity import Identity
 
     return Identity.from_private_key(deserialize_private_key(path.read_bytes())).peer_id
 
@@ -248,7 +248,7 @@ def check_compose_doc(doc: Mapping, compose_dir: Path) -> list[str]:
 
 def _check_layers(nodes: Mapping[str, argparse.Namespace]) -> list[str]:
     """Every target model (of a stage or a head) is covered by the stages' layer ranges exactly once."""
-    from .models import model_num_layers
+    from dsd_node.engine.models import model_num_layers
 
     ranges: dict[str, list[tuple[str, int, int | None]]] = {}
     for name, ns in nodes.items():
@@ -325,7 +325,7 @@ def _check_bootstrap_addrs(nodes: Mapping[str, argparse.Namespace]) -> list[str]
 
 def _check_client(service: Mapping, nodes: Mapping[str, argparse.Namespace]) -> list[str]:
     """The client runs a valid `dsd ...` command; a --gateway names a head service's listen port."""
-    from .cli import build_parser
+    from dsd_node.cli import build_parser
 
     cmd = command_of(service)
     if not cmd or Path(cmd[0]).name != "dsd":
@@ -372,7 +372,7 @@ def specs_from_compose(path: Path | str, *, threads: int = 1, environ: Mapping[s
     names; a bootstrap-only service gets `health="tcp"` and its p2p address as `address`. ValueError if a node
     service's command is not a parseable dsd-node command with a --listen (bootstrap: --listen-p2p).
     """
-    from .testnet import NodeSpec, free_port
+    from dsd_node.ops.testnet import NodeSpec, free_port
 
     doc = load_compose(path, environ)
     services = {n: s for n, s in (doc.get("services") or {}).items() if n != CLIENT}
@@ -471,8 +471,8 @@ def expand_self(args: list[str], hostname: str | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dsd_node.compose check|specs|health|exec`."""
-    ap = argparse.ArgumentParser(prog="python -m dsd_node.compose", description=__doc__,
+    """`python -m dsd_node.ops.compose check|specs|health|exec`."""
+    ap = argparse.ArgumentParser(prog="python -m dsd_node.ops.compose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("check", "specs"):
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.execvp(cmd[0], cmd)
     except OSError as e:
-        print(f"dsd_node.compose exec: cannot run {cmd[0]}: {e}", file=sys.stderr)
+        print(f"dsd_node.ops.compose exec: cannot run {cmd[0]}: {e}", file=sys.stderr)
         return 127
 
 

@@ -20,17 +20,25 @@ from dataclasses import dataclass, field, replace
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import __version__
-from .drafter import Drafter, DraftRequest
-from .head import GenerationConfig, GenerationError, Head, Stats
-from .messages import Hop, RoundMsg, VerdictMsg
-from .pipeline_client import GRPC_OPTIONS, GrpcPipeline, StreamLink, rpc_error_text
-from .proto import dsd_pb2 as pb
-from .proto import dsd_pb2_grpc as rpc
-from .shard_runner import SessionLimitError
-from .stage import BadRound, StageHandler
-from .verify import Rule, SamplingParams
-from .wire import WireError, round_from_pb, round_to_pb, sampling_from_pb, tree_to_pb, verdict_from_pb, verdict_to_pb
+from dsd_node import __version__
+from dsd_node.engine.drafter import Drafter, DraftRequest
+from dsd_node.engine.head import GenerationConfig, GenerationError, Head, Stats
+from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
+from dsd_node.engine.shard_runner import SessionLimitError
+from dsd_node.engine.stage import BadRound, StageHandler
+from dsd_node.engine.verify import Rule, SamplingParams
+from dsd_node.net.pipeline_client import GRPC_OPTIONS, GrpcPipeline, StreamLink, rpc_error_text
+from dsd_node.net.wire import (
+    WireError,
+    round_from_pb,
+    round_to_pb,
+    sampling_from_pb,
+    tree_to_pb,
+    verdict_from_pb,
+    verdict_to_pb,
+)
+from dsd_node.proto import dsd_pb2 as pb
+from dsd_node.proto import dsd_pb2_grpc as rpc
 
 log = logging.getLogger("dsd.node")
 

@@ -25,7 +25,7 @@ from enum import IntEnum
 
 import torch
 
-from .tree import TokenTree
+from dsd_node.engine.tree import TokenTree
 
 FUNCTION_WORDS = frozenset(
     "a an the of to in on at by for with from and or but nor so as is are was were be been it its this that "

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from .messages import Hop, RoundMsg, VerdictMsg
-from .proto import dsd_pb2 as pb
-from .tree import SparseDist, TokenTree
-from .verify import Rule, SamplingParams
+from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
+from dsd_node.engine.tree import SparseDist, TokenTree
+from dsd_node.engine.verify import Rule, SamplingParams
+from dsd_node.proto import dsd_pb2 as pb
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}

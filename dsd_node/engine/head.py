@@ -9,8 +9,8 @@ Modes:
        are wasted, and drafting restarts from the committed text. The number of rounds in flight
        adapts to how often whole rounds are accepted.
 
-The transport is abstract (`Pipeline`): the in-process pipeline (dsd_node.local) and the gRPC
-network (dsd_node.node_server) run exactly this loop.
+The transport is abstract (`Pipeline`): the in-process pipeline (dsd_node.engine.local) and the gRPC
+network (dsd_node.net.node_server) run exactly this loop.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .drafter import Draft, DraftRequest
-from .messages import RoundMsg, VerdictMsg
-from .tree import TokenTree
-from .verify import SamplingParams
+from dsd_node.engine.drafter import Draft, DraftRequest
+from dsd_node.engine.messages import RoundMsg, VerdictMsg
+from dsd_node.engine.tree import TokenTree
+from dsd_node.engine.verify import SamplingParams
 
 MODES = ("ar", "si", "dsi")
 

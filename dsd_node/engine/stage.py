@@ -14,10 +14,10 @@ from dataclasses import replace
 
 import torch
 
-from .messages import RoundMsg, VerdictMsg
-from .shard_runner import ShardRunner
-from .tree import TokenTree
-from .verify import Rule, VerifierSession
+from dsd_node.engine.messages import RoundMsg, VerdictMsg
+from dsd_node.engine.shard_runner import ShardRunner
+from dsd_node.engine.tree import TokenTree
+from dsd_node.engine.verify import Rule, VerifierSession
 
 
 class BadRound(ValueError):

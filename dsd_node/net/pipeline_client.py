@@ -8,12 +8,12 @@ import time
 
 import grpc
 
-from .drafter import Draft, DraftRequest
-from .head import GenerationError
-from .messages import Hop, RoundMsg, VerdictMsg
-from .proto import dsd_pb2 as pb
-from .proto import dsd_pb2_grpc as rpc
-from .wire import round_to_pb, sampling_to_pb, tree_from_pb
+from dsd_node.engine.drafter import Draft, DraftRequest
+from dsd_node.engine.head import GenerationError
+from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
+from dsd_node.net.wire import round_to_pb, sampling_to_pb, tree_from_pb
+from dsd_node.proto import dsd_pb2 as pb
+from dsd_node.proto import dsd_pb2_grpc as rpc
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
                 ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
@@ -66,7 +66,7 @@ class StreamLink:
 
 
 class GrpcPipeline:
-    """The Pipeline of a head session over the network (see dsd_node.head.Pipeline)."""
+    """The Pipeline of a head session over the network (see dsd_node.engine.head.Pipeline)."""
 
     def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
                  verdicts: asyncio.Queue, round_timeout_s: float = 60.0):

@@ -10,13 +10,21 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
-from netem.link_emulator import LinkConfig, LinkEmulator, emulator_requested
-
-from .drafter import Drafter
-from .messages import Hop
-from .models import ModelError, check_same_tokenizer, load_shard, load_tokenizer, parse_layers, weights_hash
-from .node_cli import install_signal_handlers
-from .node_server import (
+from dsd_node.engine.drafter import Drafter
+from dsd_node.engine.messages import Hop
+from dsd_node.engine.models import (
+    ModelError,
+    check_same_tokenizer,
+    load_shard,
+    load_tokenizer,
+    parse_layers,
+    weights_hash,
+)
+from dsd_node.engine.shard_runner import ShardRunner
+from dsd_node.engine.stage import StageHandler
+from dsd_node.engine.tree import TokenTree
+from dsd_node.engine.verify import low_importance_mask
+from dsd_node.net.node_server import (
     Channels,
     DrafterService,
     GatewayConfig,
@@ -27,14 +35,12 @@ from .node_server import (
     make_server,
     query_info,
 )
-from .p2p.discovery import DiscoveryError
-from .p2p.identity import IdentityError
-from .pipeline_client import RemoteDraftSource
-from .proto import dsd_pb2_grpc as rpc
-from .shard_runner import ShardRunner
-from .stage import StageHandler
-from .tree import TokenTree
-from .verify import low_importance_mask
+from dsd_node.net.pipeline_client import RemoteDraftSource
+from dsd_node.node_cli import install_signal_handlers
+from dsd_node.p2p.discovery import DiscoveryError
+from dsd_node.p2p.identity import IdentityError
+from dsd_node.proto import dsd_pb2_grpc as rpc
+from netem.link_emulator import LinkConfig, LinkEmulator, emulator_requested
 
 log = logging.getLogger("dsd.node")
 
@@ -104,7 +110,7 @@ async def run_node(cfg: dict) -> None:
     stage_handler = drafter = None
     try:
         if "stage" in roles:
-            from .models import model_num_layers
+            from dsd_node.engine.models import model_num_layers
 
             n = model_num_layers(model)
             a, b = parse_layers(cfg["layers"]) if cfg["layers"] else (0, n)
@@ -137,7 +143,7 @@ async def run_node(cfg: dict) -> None:
     tasks: list[asyncio.Task] = []
     try:
         if "bootstrap" in roles or cfg["bootstrap"] or cfg["listen_p2p"]:
-            from .peers import start_discovery
+            from dsd_node.p2p.peers import start_discovery
 
             discovery = await start_discovery(cfg["identity"], state.role, cfg["listen_p2p"] or
                                               ("/ip4/0.0.0.0/tcp/4001" if "bootstrap" in roles else None), cfg["bootstrap"])
@@ -193,7 +199,7 @@ def measure_tokens_per_s(runner: ShardRunner, n: int = 32) -> float:
 
 
 def _record_fn(state: NodeState, role: str, stage: StageHandler | None, drafter: Drafter | None, ttl_s: float):
-    from .peers import make_record
+    from dsd_node.p2p.peers import make_record
 
     def record():
         sh = stage.runner.shard if role == "stage" else None
@@ -212,7 +218,7 @@ async def _gateway_config(cfg: dict, state: NodeState, local_drafter: Drafter | 
     if cfg["drafter_addr"]:
         drafter_src = RemoteDraftSource(state.channels.get(cfg["drafter_addr"]), cfg["drafter_addr"])
     elif local_drafter is not None:
-        from .local import LocalDraftSource
+        from dsd_node.engine.local import LocalDraftSource
 
         if cfg["drafter"] not in (None, "self", model):
             check_same_tokenizer(tok, load_tokenizer(cfg["drafter"]), model, cfg["drafter"])
@@ -225,9 +231,9 @@ async def _gateway_config(cfg: dict, state: NodeState, local_drafter: Drafter | 
         addrs = [self_address if a == "self" else a for a in addrs]  # our own stage: no emulated link
         route = await route_from_addresses(addrs, state.channels, model, wait_s=float(cfg["round_timeout"]))
     elif discovery is not None:
-        from .models import model_num_layers
-        from .peers import RouteFinder
-        from .routing import RouteError
+        from dsd_node.engine.models import model_num_layers
+        from dsd_node.p2p.peers import RouteFinder
+        from dsd_node.p2p.routing import RouteError
 
         finder = RouteFinder(discovery, state.channels, model, state.model_hash, model_num_layers(model),
                              say=lambda m: print(f"dsd-node: {m}", flush=True))

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import TreeKVCache
-from .models import Shard
-from .tree import TokenTree, tree_attention
-from .verify import VerifierSession
+from dsd_node.engine.kv_cache import TreeKVCache
+from dsd_node.engine.models import Shard
+from dsd_node.engine.tree import TokenTree, tree_attention
+from dsd_node.engine.verify import VerifierSession
 
 
 class SessionLimitError(RuntimeError):

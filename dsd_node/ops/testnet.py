@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .models import model_num_layers, split_layers
-from .node_server import wait_healthy
+from dsd_node.engine.models import model_num_layers, split_layers
+from dsd_node.net.node_server import wait_healthy
 
 
 def free_port() -> int:
@@ -65,7 +65,7 @@ def plan_discovery(stages: int, replicas: int = 1, model: str = "embedded:target
                    announce_ttl: float = 30.0) -> list[NodeSpec]:
     """A bootstrap peer, `replicas` copies of each of N shards and a drafter announcing themselves, and a head
     that finds its route through libp2p discovery (nobody is wired by address)."""
-    from .p2p.identity import load_or_create_identity
+    from dsd_node.p2p.identity import load_or_create_identity
 
     key_dir = Path(key_dir or tempfile.mkdtemp(prefix="dsd-keys-"))
     boot_port = free_port()

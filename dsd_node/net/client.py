@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from .head import GenerationConfig
-from .pipeline_client import GRPC_OPTIONS
-from .proto import dsd_pb2 as pb
-from .proto import dsd_pb2_grpc as rpc
-from .wire import sampling_to_pb
+from dsd_node.engine.head import GenerationConfig
+from dsd_node.net.pipeline_client import GRPC_OPTIONS
+from dsd_node.net.wire import sampling_to_pb
+from dsd_node.proto import dsd_pb2 as pb
+from dsd_node.proto import dsd_pb2_grpc as rpc
 
 
 class ClientError(RuntimeError):

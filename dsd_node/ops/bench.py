@@ -145,7 +145,7 @@ class BenchConfig:
             from netem.link_emulator import parse_rate
 
             parse_rate(self.link_rate)
-        from .models import model_num_layers
+        from dsd_node.engine.models import model_num_layers
 
         if max(self.stages) > (layers := model_num_layers(self.model)):
             raise ValueError(f"{self.model} has {layers} layers: at most {layers} stages")
@@ -370,7 +370,7 @@ def load_prompts(cfg: BenchConfig) -> list[tuple[str, str]]:
 
 
 def _gen_config(mode: str, k: int | None, tokens: int, max_inflight: int):
-    from .head import GenerationConfig
+    from dsd_node.engine.head import GenerationConfig
 
     return GenerationConfig(mode=mode, max_new_tokens=tokens, draft_k=k or 1, max_inflight=max_inflight,
                             ignore_eos=True)
@@ -378,7 +378,7 @@ def _gen_config(mode: str, k: int | None, tokens: int, max_inflight: int):
 
 def _testnet_specs(cfg: BenchConfig, n: int, t1: float, drafter: str | None) -> list:
     """Head + drafter + stage 0 in one process (L = N links per round); every node behind the link emulator."""
-    from .testnet import plan
+    from dsd_node.ops.testnet import plan
 
     specs = plan(n, model=cfg.model, drafter=cfg.drafter_source(drafter) if drafter else None, threads=cfg.threads,
                  link_delay_ms=t1, colocate=True)
@@ -444,7 +444,7 @@ class _GroupRun:
 
     def __init__(self, cfg: BenchConfig, group: Group, prompt_ids: list[list[int]], progress: Progress,
                  probe: SpeedProbe):
-        from .testnet import Testnet
+        from dsd_node.ops.testnet import Testnet
 
         self.cfg, self.group, self.prompt_ids, self.progress, self.probe = cfg, group, prompt_ids, progress, probe
         d = group.drafter or "none"
@@ -454,7 +454,7 @@ class _GroupRun:
         self.runs_per_cell = cfg.repeats * len(prompt_ids)
 
     async def start(self) -> None:
-        from .client import DsdClient
+        from dsd_node.net.client import DsdClient
 
         g = self.group
         self.progress.note(f"starting {len(self.nets)} testnet(s): N={g.stages} drafter={g.drafter or '-'} "
@@ -557,7 +557,7 @@ def hf_baseline(cfg: BenchConfig, prompt_ids: list[list[int]]) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from .models import resolve_model_path
+    from dsd_node.engine.models import resolve_model_path
 
     threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
     torch.set_num_threads(cfg.threads)  # as many threads as each node process
@@ -610,7 +610,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from dsd_node import __version__
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -827,7 +827,7 @@ def _plot_savings(plt, path: Path, cells: list[Cell], cfg: BenchConfig) -> None:
 
 
 def _model_facts(cfg: BenchConfig, prompts: list[tuple[str, str]]) -> tuple[list[list[int]], int]:
-    from .models import load_tokenizer, resolve_model_path
+    from dsd_node.engine.models import load_tokenizer, resolve_model_path
 
     tok = load_tokenizer(cfg.model)
     config = json.loads((resolve_model_path(cfg.model) / "config.json").read_text())
@@ -964,14 +964,14 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m dsd_node.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m dsd_node.ops.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     return ap
 
 
 def build_config(argv: list[str] | None = None) -> BenchConfig:
-    """The BenchConfig that `python -m dsd_node.bench ARGV` would run."""
+    """The BenchConfig that `python -m dsd_node.ops.bench ARGV` would run."""
     return config_from_args(build_parser().parse_args(argv))
 
 

@@ -6,13 +6,13 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 
-from .drafter import Draft, Drafter, DraftRequest
-from .head import GenerationConfig, Head, Stats
-from .messages import RoundMsg, VerdictMsg
-from .models import check_same_tokenizer, load_shard, load_tokenizer, model_num_layers, split_layers
-from .shard_runner import ShardRunner
-from .stage import StageHandler
-from .verify import low_importance_mask
+from dsd_node.engine.drafter import Draft, Drafter, DraftRequest
+from dsd_node.engine.head import GenerationConfig, Head, Stats
+from dsd_node.engine.messages import RoundMsg, VerdictMsg
+from dsd_node.engine.models import check_same_tokenizer, load_shard, load_tokenizer, model_num_layers, split_layers
+from dsd_node.engine.shard_runner import ShardRunner
+from dsd_node.engine.stage import StageHandler
+from dsd_node.engine.verify import low_importance_mask
 
 
 class LocalPipeline:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import grpc
 
-from . import __version__
-from .messages import Hop
-from .node_server import Channels, query_info
-from .p2p.discovery import Discovery, parse_listen_multiaddr
-from .p2p.identity import load_or_create_identity
-from .p2p.records import NodeRecord
-from .routing import RouteError, build_route
+from dsd_node import __version__
+from dsd_node.engine.messages import Hop
+from dsd_node.net.node_server import Channels, query_info
+from dsd_node.p2p.discovery import Discovery, parse_listen_multiaddr
+from dsd_node.p2p.identity import load_or_create_identity
+from dsd_node.p2p.records import NodeRecord
+from dsd_node.p2p.routing import RouteError, build_route
 
 log = logging.getLogger("dsd.peers")
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .models import DTYPES, resolve_model_path
-from .tree import SparseDist, TokenTree
-from .verify import Rule, SamplingParams, target_probs
+from dsd_node.engine.models import DTYPES, resolve_model_path
+from dsd_node.engine.tree import SparseDist, TokenTree
+from dsd_node.engine.verify import Rule, SamplingParams, target_probs
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The messages of the pipeline, as Python types (dsd_node.wire converts them to and from protobuf)."""
+"""The messages of the pipeline, as Python types (dsd_node.net.wire converts them to and from protobuf)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .tree import TokenTree
-from .verify import SamplingParams
+from dsd_node.engine.tree import TokenTree
+from dsd_node.engine.verify import SamplingParams
 
 
 @dataclass
