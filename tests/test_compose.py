@@ -143,7 +143,7 @@ def test_dockerfile_installs_with_the_ci_script() -> None:
     assert re.search(r"^USER dsd$", text, re.M) and "iproute2" in text and "setcap cap_net_admin+ep" in text
     entry = json.loads(re.search(r"^ENTRYPOINT (.*)$", text, re.M).group(1))
     assert entry[0] == "/app/netem/entrypoint.sh"
-    assert re.search(r"^HEALTHCHECK .*\n?.*dsd_node\.compose\", \"health\"", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n?.*dsd_node\.ops\.compose\", \"health\"", text, re.M)
     for src in re.findall(r"^COPY (?!--)(.*) \S+$", text, re.M):  # every file of the dependency layer exists
         for f in src.split():
             assert f.endswith("*") or (ROOT / f).exists(), f
