@@ -7,53 +7,23 @@ import asyncio
 import json
 import logging
 import sys
+from pathlib import Path
 
-from dsd_node.engine.head import MODES, GenerationConfig
-from dsd_node.engine.verify import SamplingParams
+import grpc
 
-DEFAULT_PROMPT = "def fibonacci(n):\n"
-
-
-def add_generation_flags(ap: argparse.ArgumentParser) -> None:
-    g = ap.add_argument_group("generation")
-    g.add_argument("--mode", choices=MODES, default="si",
-                   help="ar: one token per pipeline pass; si: draft tree + one verification pass; "
-                        "dsi: si with several rounds in flight (default si)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    g.add_argument("--draft-k", type=int, default=4, help="draft depth: tokens proposed per round (default 4)")
-    g.add_argument("--max-inflight", type=int, default=0,
-                   help="dsi: most rounds in flight (default 0: one per pipeline stage, trimmed when drafts are often rejected)")
-    g.add_argument("--branch", type=int, default=1, help="draft tree: alternatives per level at the first levels (1)")
-    g.add_argument("--branch-depth", type=int, default=1, help="draft tree: levels that get alternatives (1)")
-    g.add_argument("--max-nodes", type=int, default=0, help="draft tree: total nodes per round (default 0: no cap)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument("--adaptive", action="store_true",
-                   help="lossy: relax greedy acceptance for low-importance tokens (whitespace, delimiters, function words)")
-    g.add_argument("--adaptive-margin", type=float, default=0.05,
-                   help="adaptive: accept a low-importance draft when p_top - p_draft <= this (0.05)")
-    g.add_argument("--adaptive-tie-margin", type=float, default=0.01,
-                   help="adaptive: accept any draft when p_top - p_draft <= this (near-ties, 0.01)")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
-    g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON instead of streaming')
-
-
-def generation_config(args: argparse.Namespace) -> GenerationConfig:
-    sampling = SamplingParams.create(args.temperature, args.top_p, args.seed, args.adaptive, args.adaptive_margin,
-                                     args.adaptive_tie_margin)
-    cfg = GenerationConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, draft_k=args.draft_k,
-                           max_inflight=args.max_inflight, sampling=sampling, ignore_eos=args.ignore_eos,
-                           branch=args.branch, branch_depth=args.branch_depth, max_nodes=args.max_nodes)
-    cfg.validate()
-    return cfg
+from dsd_node.engine.config import GenerationConfig, Stats
+from dsd_node.engine.local import LocalEngine
+from dsd_node.net.client import ClientError, ClientResult, DsdClient
+from dsd_node.net.grpc_util import Channels, query_info
+from dsd_node.ops.bench import register as register_bench
+from dsd_node.ops.compose import specs_from_compose
+from dsd_node.ops.generation_flags import add_generate_command, add_generation_flags, generation_config
+from dsd_node.ops.testnet import Testnet, plan, plan_discovery
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = generation_config(args)
     if args.local:
-        from dsd_node.engine.local import LocalEngine
-
         if args.mode == "dsi":
             print("note: --local runs every stage in one process, so dsi has no link latency to hide", file=sys.stderr)
         eng = LocalEngine(args.model, None if args.mode == "ar" else args.drafter, args.stages, args.dtype)
@@ -62,14 +32,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(json.dumps(res.as_dict()))
         else:
             print(args.prompt + res.text)
-            _print_stats(res.stats.as_dict())
+            _print_stats(res.stats)
         return 0
     return asyncio.run(_generate_remote(args.gateway, args.prompt, cfg, args.json))
 
 
 async def _generate_remote(gateway: str, prompt: str, cfg: GenerationConfig, as_json: bool) -> int:
-    from dsd_node.net.client import ClientError, ClientResult, DsdClient
-
     res = ClientResult()
     async with DsdClient(gateway) as c:
         try:
@@ -90,22 +58,17 @@ async def _generate_remote(gateway: str, prompt: str, cfg: GenerationConfig, as_
     return 0
 
 
-def _print_stats(st: dict) -> None:
-    apr = st.get("accepted_per_round") or [0]
-    print(f"[{st['mode']}] {st['new_tokens']} tokens in {st['wall_ms'] / 1e3:.2f} s: {st['tokens_per_s']:.1f} tokens/s, "
-          f"{st['rounds']} rounds ({st['rounds_wasted']} wasted), {sum(apr) / len(apr):.2f} tokens/round",
-          file=sys.stderr)
+def _print_stats(st: Stats | None) -> None:
+    if st is None:
+        return
+    print(f"[{st.mode}] {st.new_tokens} tokens in {st.wall_ms / 1e3:.2f} s: {st.tokens_per_s:.1f} tokens/s, "
+          f"{st.rounds} rounds ({st.rounds_wasted} wasted), {st.tokens_per_round:.2f} tokens/round"
+          + (f", {st.failovers} failovers" if st.failovers else ""), file=sys.stderr)
 
 
 def cmd_testnet(args: argparse.Namespace) -> int:
-    from dsd_node.ops.testnet import Testnet, plan, plan_discovery
-
     wired = args.no_discovery or args.link_delay_ms > 0 or args.colocate
     if args.from_file:
-        from pathlib import Path
-
-        from dsd_node.ops.compose import specs_from_compose
-
         specs = specs_from_compose(Path(args.from_file), threads=args.threads)
         wired = False
         what = f"every service of {args.from_file} as a local process ({', '.join(s.name for s in specs)})"
@@ -131,7 +94,9 @@ def cmd_testnet(args: argparse.Namespace) -> int:
                                 for s in sorted(specs, key=lambda s: s.name != "head") if "--layers" in s.args)
         else:
             head = next(s for s in specs if s.address == net.gateway)
-            route = net.tail(head.name, 50).split("dsd-node route: ")[-1].splitlines()[0]
+            async with grpc.aio.insecure_channel(net.gateway) as ch:
+                hops = (await query_info(ch)).route
+            route = " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in hops)
             boot = head.args[head.args.index("--bootstrap") + 1]
             print(f"bootstrap: {boot}\n  see the network: dsd route --bootstrap {boot}", file=sys.stderr)
         print(f"route: head -> {route} -> head", file=sys.stderr)
@@ -161,7 +126,7 @@ def cmd_testnet(args: argparse.Namespace) -> int:
 
 def cmd_route(args: argparse.Namespace) -> int:
     async def body() -> int:
-        from dsd_node.net.node_server import Channels
+        # lazy: libp2p takes seconds to import, and only `dsd route` needs it
         from dsd_node.p2p.discovery import Discovery, DiscoveryError
         from dsd_node.p2p.identity import Identity
         from dsd_node.p2p.peers import probe_all, route_of
@@ -205,18 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsd", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text, in this process (--local) or through a gateway",
-                       description="Generate text with speculative decoding. With --local every stage runs in this "
-                                   "process; with --gateway the request goes to a running network.")
-    g.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="prompt text (default: a Python function header)")
-    where = g.add_mutually_exclusive_group(required=True)
-    where.add_argument("--local", action="store_true", help="run the whole engine in this process")
-    where.add_argument("--gateway", metavar="HOST:PORT", help="address of a head node")
-    g.add_argument("--model", default="embedded:target", help="--local: target model (hub id, path, embedded:target)")
-    g.add_argument("--drafter", default="embedded:drafter", help="--local: draft model (hub id, path, embedded:drafter, self)")
-    g.add_argument("--stages", type=int, default=2, help="--local: number of pipeline shards to cut (default 2)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    add_generation_flags(g)
+    g = add_generate_command(sub)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("testnet", help="run a local network of node processes on 127.0.0.1")
@@ -248,8 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap peer, e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... (repeatable)")
     r.add_argument("--model", default="embedded:target", help="model id the stages announce (default embedded:target)")
     r.set_defaults(func=cmd_route)
-
-    from dsd_node.ops.bench import register as register_bench
 
     register_bench(sub)
     return ap

@@ -10,20 +10,10 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
-import yaml
-
-ROLES = ("stage", "drafter", "head", "bootstrap")
-DEFAULTS = {
-    "role": "stage", "model": "embedded:target", "layers": None, "listen": "127.0.0.1:0", "drafter": None,
-    "drafter_addr": None, "route": None, "dtype": "float32", "threads": 0, "max_sessions": 64,
-    "session_ttl": 300.0, "max_message_mb": 64, "max_inflight": 0, "max_kv_mb": 0, "round_timeout": 60.0,
-    "identity": None, "bootstrap": [], "listen_p2p": None, "log_level": "info", "advertise": None,
-    "announce_ttl": 30.0, "route_wait": 3600.0,
-}
+from dsd_node.daemon.config import ConfigError, NodeConfig
 
 EPILOG = """examples:
   dsd-node --role stage --model embedded:target --layers 0:4 --listen 127.0.0.1:6001
@@ -70,49 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def resolve_config(args: argparse.Namespace) -> dict:
-    """Flags, then DSD_* environment variables, then the config file, then defaults."""
-    file_cfg = {}
-    cfg_path = args.config or os.environ.get("DSD_CONFIG")
-    if cfg_path:
-        try:
-            file_cfg = yaml.safe_load(Path(cfg_path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise SystemExit(f"dsd-node: cannot read config file {cfg_path}: {e}") from e
-        file_cfg = {k.replace("-", "_"): v for k, v in file_cfg.items()}
-        unknown = set(file_cfg) - set(DEFAULTS)
-        if unknown:
-            raise SystemExit(f"dsd-node: unknown keys in {cfg_path}: {', '.join(sorted(unknown))}")
-    out = {}
-    for key, default in DEFAULTS.items():
-        val = getattr(args, key, None)
-        if val is None:
-            env = os.environ.get("DSD_" + key.upper())
-            if env is not None:
-                val = env.split(",") if isinstance(default, list) else type(default)(env) if default is not None and not isinstance(default, str) else env
-        if val is None:
-            val = file_cfg.get(key, default)
-        out[key] = val
-    roles = [r.strip() for r in str(out["role"]).split(",") if r.strip()]
-    bad = [r for r in roles if r not in ROLES]
-    if bad or not roles:
-        raise SystemExit(f"dsd-node: unknown role {','.join(bad) or '(none)'}; choose from {', '.join(ROLES)}")
-    out["roles"] = roles
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    cfg = resolve_config(args)
-    logging.basicConfig(level=str(cfg["log_level"]).upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    try:
+        cfg = NodeConfig.resolve(vars(args), config_file=args.config or os.environ.get("DSD_CONFIG"))
+    except ConfigError as e:
+        raise SystemExit(f"dsd-node: {e}") from None
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    if args.print_peer_id:
-        from dsd_node.p2p.identity import load_or_create_identity
-
-        print(load_or_create_identity(Path(cfg["identity"] or "~/.dsd/identity.key").expanduser()).peer_id)
-        return
+    # lazy: torch, transformers and libp2p take seconds to import; --help and compose's parser need none of them
     from dsd_node.daemon.node import run_node
+    from dsd_node.p2p.identity import load_or_create_identity
 
+    if args.print_peer_id:
+        print(load_or_create_identity(Path(cfg.identity or "~/.dsd/identity.key").expanduser()).peer_id)
+        return
     try:
         asyncio.run(run_node(cfg))
     except KeyboardInterrupt:
@@ -122,12 +84,6 @@ def main(argv: list[str] | None = None) -> None:
 def bootstrap_main(argv: list[str] | None = None) -> None:
     """`dsd-bootstrap`: shorthand for `dsd-node --role bootstrap`."""
     main(["--role", "bootstrap", *(argv if argv is not None else sys.argv[1:])])
-
-
-def install_signal_handlers(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
 # DSD_LINK_IFACE (see tc_netem.sh). If they ask for emulation but netem cannot be applied (no tc,
 # no CAP_NET_ADMIN, kernel without the netem qdisc), DSD_NETEM_FALLBACK decides:
 #   fail      (default) print why and exit non-zero: never run silently without the requested link
-#   emulator  run COMMAND anyway with DSD_LINK_EMULATOR=1 exported (DSD_LINK_* kept), so the daemon
-#             puts the userspace emulator (netem/link_emulator.py) in front of its port
+#   emulator  run COMMAND anyway with DSD_LINK_EMULATOR=1 exported (DSD_LINK_* kept), so `compose exec`
+#             runs dsd-node behind the userspace emulator (netem/emulated_node.py)
 # With nothing requested, COMMAND is exec'd directly. DSD_LINK_EMULATOR=1 set on entry skips tc
 # (the userspace emulator was chosen explicitly; applying both would double the delay).
 set -euo pipefail

@@ -20,20 +20,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import random
-import re
-import select
-import selectors
 import signal
 import socket
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import dataclass
+
+from netem.link_config import LinkConfig, emulator_requested, parse_rate
+from netem.link_pipe import READ_SIZE, Pipe, PreciseSelector, WakeLatency, nodelay
 
 __all__ = [
     "LinkConfig",
@@ -46,223 +42,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_READ_SIZE = 64 * 1024
-_MAX_QUEUED_BYTES = 8 * 1024 * 1024  # per direction; reading pauses beyond this (TCP backpressure)
-_MAX_BACKLOG_S = 0.05  # rate-limited links: stop reading when this much serialization is queued
-_SEGMENT_S = 0.001  # rate-limited links: split chunks into pieces of ~1 ms of transmission
-_MIN_SEGMENT = 1500  # ... but no smaller than one Ethernet frame
-_FD_SETSIZE = 1024
-_MAX_LEAD_S = 0.001  # never wake (and deliver) more than this early to compensate wake-up latency
-
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|bit|kbit|mbit|gbit|tbit|bps|kbps|mbps|gbps|tbps)\s*$", re.IGNORECASE)
-_RATE_UNITS = {"": 1.0, "bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
-               "bps": 8.0, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9, "tbps": 8e12}  # fmt: skip
-
-
-def parse_rate(text: str) -> float:
-    """Parse a rate the way ``tc`` does and return bits per second.
-
-    ``10mbit``, ``1gbit``, ``500kbit``, a bare number (bit/s); ``...bps`` means *bytes* per second,
-    as in tc. Units are decimal (1 mbit = 10**6 bit). Raises ValueError with a readable message.
-    """
-    m = _RATE_RE.match(text)
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(
-            f"invalid rate {text!r}: expected a positive number with an optional unit "
-            "bit/kbit/mbit/gbit/tbit (bits per second) or bps/kbps/mbps/gbps (bytes per second, as in tc), "
-            "e.g. 10mbit"
-        )
-    return float(m.group(1)) * _RATE_UNITS[m.group(2).lower()]
-
-
-@dataclass
-class LinkConfig:
-    """Link properties, applied to each direction of each relayed connection.
-
-    delay_ms: one-way delay; jitter_ms: uniform +-jitter added to the delay (never reorders bytes);
-    rate_bps: bandwidth limit in bit/s (None = unlimited); seed: seed of the jitter RNG.
-    """
-
-    delay_ms: float = 0
-    jitter_ms: float = 0
-    rate_bps: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.delay_ms < 0 or self.jitter_ms < 0:
-            raise ValueError("delay_ms and jitter_ms must be >= 0")
-        if self.rate_bps is not None and self.rate_bps <= 0:
-            raise ValueError("rate_bps must be > 0 (or None for unlimited)")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> LinkConfig:
-        """Build a config from DSD_LINK_DELAY_MS, DSD_LINK_JITTER_MS, DSD_LINK_RATE, DSD_LINK_SEED."""
-        env = os.environ if env is None else env
-
-        def num(name: str) -> float:
-            raw = env.get(name, "").strip() or "0"
-            try:
-                return float(raw)
-            except ValueError:
-                raise ValueError(f"{name}={raw!r} is not a number") from None
-
-        rate = env.get("DSD_LINK_RATE", "").strip()
-        seed = env.get("DSD_LINK_SEED", "").strip()
-        return cls(
-            delay_ms=num("DSD_LINK_DELAY_MS"),
-            jitter_ms=num("DSD_LINK_JITTER_MS"),
-            rate_bps=parse_rate(rate) if rate not in ("", "0") else None,
-            seed=int(seed) if seed else None,
-        )
-
-    def describe(self) -> str:
-        """Human-readable summary, e.g. ``delay 25.0 ms, jitter 0.0 ms, rate unlimited``."""
-        rate = "unlimited" if self.rate_bps is None else f"{self.rate_bps / 1e6:g} mbit/s"
-        return f"delay {float(self.delay_ms):.1f} ms, jitter {float(self.jitter_ms):.1f} ms, rate {rate}"
-
-
-def emulator_requested(env: Mapping[str, str] | None = None) -> bool:
-    """True when the container entrypoint asked for the userspace emulator (DSD_LINK_EMULATOR=1)."""
-    env = os.environ if env is None else env
-    return env.get("DSD_LINK_EMULATOR", "").strip().lower() in ("1", "true", "yes")
-
-
-class _PreciseSelector(selectors.PollSelector):
-    """poll() selector that waits with select() (microsecond timeouts) whenever a timer is pending.
-
-    Falls back to poll() (millisecond timeouts) if some descriptor does not fit in an fd_set.
-    """
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        keys = list(self.get_map().values())
-        if timeout is None or timeout <= 0 or any(k.fd >= _FD_SETSIZE for k in keys):
-            return super().select(timeout)
-        rfds = [k.fd for k in keys if k.events & selectors.EVENT_READ]
-        wfds = [k.fd for k in keys if k.events & selectors.EVENT_WRITE]
-        try:
-            r, w, _ = select.select(rfds, wfds, [], timeout)
-        except InterruptedError:
-            return []
-        rs, ws = set(r), set(w)
-        by_fd = {k.fd: k for k in keys}
-        ready = []
-        for fd in rs | ws:
-            events = (selectors.EVENT_READ if fd in rs else 0) | (selectors.EVENT_WRITE if fd in ws else 0)
-            ready.append((by_fd[fd], events & by_fd[fd].events))
-        return ready
-
-
-def _nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _WakeLatency:
-    """Running median of how late the relay loop wakes up from timed sleeps (kernel + asyncio overhead).
-
-    Sleeps end this much before a chunk is due, so deliveries are centred on the due time instead of
-    being systematically ~0.1-0.5 ms late (which would add up over every hop of a round trip).
-    """
-
-    def __init__(self) -> None:
-        self.lead = 0.0
-        self._samples: deque[float] = deque(maxlen=63)
-        self._count = 0
-
-    def observe(self, late: float) -> None:
-        """Record a wake-up that came ``late`` seconds after the time asked for."""
-        self._samples.append(min(max(late, 0.0), _MAX_LEAD_S))
-        self._count += 1
-        if self._count < 8 or self._count % 8 == 0:
-            self.lead = sorted(self._samples)[len(self._samples) // 2]
-
-
-class _Pipe:
-    """One direction of a relayed connection: timestamps chunks on read, writes them when due."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, config: LinkConfig,
-                 rng: random.Random, wake: _WakeLatency) -> None:  # fmt: skip
-        self._reader, self._writer, self._rng, self._wake = reader, writer, rng, wake
-        self._delay = config.delay_ms / 1e3
-        self._jitter = config.jitter_ms / 1e3
-        self._rate = config.rate_bps
-        self._segment = max(_MIN_SEGMENT, int(self._rate / 8 * _SEGMENT_S)) if self._rate else _READ_SIZE
-        self._queue: deque[tuple[float, bytes | None]] = deque()  # (due time, data or None = EOF)
-        self._queued = 0
-        self._ready = asyncio.Event()
-        self._space = asyncio.Event()
-        self._space.set()
-        self._link_free = 0.0  # when the emulated link finishes serializing what it already has
-        self._last_due = 0.0
-
-    def _due(self, now: float, size: int) -> float:
-        t = now
-        if self._rate:
-            t = self._link_free = max(now, self._link_free) + size * 8 / self._rate
-        t += self._delay
-        if self._jitter:
-            t += self._rng.uniform(-self._jitter, self._jitter)
-        t = max(t, now, self._last_due)  # never deliver before the previous chunk
-        self._last_due = t
-        return t
-
-    def _push(self, due: float, data: bytes | None) -> None:
-        self._queue.append((due, data))
-        self._queued += len(data or b"")
-        if self._queued >= _MAX_QUEUED_BYTES:
-            self._space.clear()
-        self._ready.set()
-
-    async def receive(self) -> None:
-        """Read chunks until EOF, scheduling each for delivery."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._space.wait()
-            if self._rate and (backlog := self._link_free - loop.time() - _MAX_BACKLOG_S) > 0:
-                await asyncio.sleep(backlog)
-            data = await self._reader.read(_READ_SIZE)
-            now = loop.time()
-            if not data:
-                self._push(self._due(now, 0), None)
-                return
-            for i in range(0, len(data), self._segment):
-                seg = data[i : i + self._segment]
-                self._push(self._due(now, len(seg)), seg)
-
-    async def send(self) -> None:
-        """Write scheduled chunks at their due time; half-close the destination after EOF."""
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._ready.clear()
-                await self._ready.wait()
-                continue
-            lead = self._wake.lead
-            wake_at = self._queue[0][0] - lead
-            if wake_at > loop.time():
-                await asyncio.sleep(wake_at - loop.time())
-                self._wake.observe(loop.time() - wake_at)
-                continue
-            now, batch, eof = loop.time() + lead, [], False
-            while self._queue and self._queue[0][0] <= now:
-                data = self._queue.popleft()[1]
-                if data is None:
-                    eof = True
-                    break
-                batch.append(data)
-            if batch:
-                payload = b"".join(batch)
-                self._writer.write(payload)
-                self._queued -= len(payload)
-                if self._queued < _MAX_QUEUED_BYTES:
-                    self._space.set()
-                await self._writer.drain()
-            if eof:
-                if self._writer.can_write_eof():
-                    self._writer.write_eof()
-                return
 
 
 class LinkEmulator:
@@ -277,7 +56,7 @@ class LinkEmulator:
         self.target_host, self.target_port = target_host, target_port
         self.config = config or LinkConfig()
         self._rng = random.Random(self.config.seed)
-        self._wake = _WakeLatency()
+        self._wake = WakeLatency()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
@@ -297,7 +76,7 @@ class LinkEmulator:
         if self._loop is not None:
             raise RuntimeError("LinkEmulator already started")
         self._closing = False
-        loop = self._loop = asyncio.SelectorEventLoop(_PreciseSelector())
+        loop = self._loop = asyncio.SelectorEventLoop(PreciseSelector())
         self._thread = threading.Thread(target=self._run_loop, args=(loop,), name="link-emulator", daemon=True)
         self._thread.start()
         try:
@@ -390,9 +169,9 @@ class LinkEmulator:
                 return
             writers.append(t_writer)
             for w in writers:
-                _nodelay(w)
-            up = _Pipe(c_reader, t_writer, self.config, self._rng, self._wake)
-            down = _Pipe(t_reader, c_writer, self.config, self._rng, self._wake)
+                nodelay(w)
+            up = Pipe(c_reader, t_writer, self.config, self._rng, self._wake)
+            down = Pipe(t_reader, c_writer, self.config, self._rng, self._wake)
             tasks = [asyncio.create_task(c) for c in (up.receive(), up.send(), down.receive(), down.send())]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -422,9 +201,9 @@ async def start_echo_server(host: str = "127.0.0.1", port: int = 0) -> asyncio.S
     """Start a TCP echo server (on the running loop) that half-closes after echoing the peer's EOF."""
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _nodelay(writer)
+        nodelay(writer)
         try:
-            while data := await reader.read(_READ_SIZE):
+            while data := await reader.read(READ_SIZE):
                 writer.write(data)
                 await writer.drain()
             if writer.can_write_eof():
@@ -443,7 +222,7 @@ async def measure_rtt(host: str, port: int, n: int = 20, size: int = 1) -> list[
     One warm-up exchange (which also covers connection setup) is not counted.
     """
     reader, writer = await asyncio.open_connection(host, port)
-    _nodelay(writer)
+    nodelay(writer)
     payload = b"p" * size
     rtts: list[float] = []
     try:

@@ -101,6 +101,7 @@ def test_plan_runs_ar_once_per_stage_count_and_delay():
     assert build_config([]).ks == [1, 2, 4, 8]
 
 
+@pytest.mark.slow
 def test_tiny_sweep_through_real_processes(tmp_path):
     """N=2, t1 in {0, 20} ms, oracle k=2, ar and si, one prompt, 16 tokens: two testnets, well under 90 s.
 

@@ -189,6 +189,7 @@ def health_server():
     server.stop(None)
 
 
+@pytest.mark.slow
 def test_health_command(health_server) -> None:
     servicer, addr = health_server
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -210,6 +211,7 @@ def _docker_compose() -> list[str] | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_docker_compose() is None, reason="docker compose is not installed")
 def test_docker_compose_accepts_the_file() -> None:
     proc = subprocess.run([*_docker_compose(), "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True)

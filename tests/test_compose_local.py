@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import PROMPTS, hf_greedy
 
-from dsd_node.engine.head import GenerationConfig
+from dsd_node.engine.config import GenerationConfig
 from dsd_node.net.client import DsdClient
+from dsd_node.net.grpc_util import query_info
 from dsd_node.ops.compose import specs_from_compose
 from dsd_node.ops.testnet import Testnet
+
+pytestmark = pytest.mark.slow  # starts node processes / network
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,5 +27,6 @@ async def test_compose_services_as_local_processes_match_hf_generate(reference, 
                 for prompt in PROMPTS[:2]:
                     r = await c.generate(prompt, GenerationConfig(mode=mode, max_new_tokens=24))
                     assert r.tokens == hf_greedy(reference, tokenizer(prompt)["input_ids"], 24, tokenizer.eos_token_id)
-        # the gateway found its route through the bootstrap peer, as in the containers
-        assert "dsd-node route: " in net.tail("gateway", 80)
+            # the gateway found its route through the bootstrap peer, as in the containers, and says so in Info
+            route = (await query_info(c.channel)).route
+            assert [(h.layer_start, h.layer_end) for h in route] == [(0, 2), (2, 4), (4, 6), (6, 8)]

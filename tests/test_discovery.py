@@ -19,6 +19,8 @@ from dsd_node.p2p.discovery import Discovery, DiscoveryError
 from dsd_node.p2p.identity import Identity
 from dsd_node.p2p.records import NodeRecord
 
+pytestmark = pytest.mark.slow  # starts node processes / network
+
 ROOT = Path(__file__).resolve().parent.parent
 TTL_S = 3.0
 

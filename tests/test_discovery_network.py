@@ -4,19 +4,22 @@ route, waits for missing layers, and fails over when a stage dies (separate proc
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import sys
 import time
 
+import grpc
+import pytest
 from conftest import PROMPTS, hf_greedy
 
-from dsd_node.engine.head import GenerationConfig
+from dsd_node.engine.config import GenerationConfig
 from dsd_node.net.client import DsdClient
-from dsd_node.net.node_server import wait_healthy
+from dsd_node.net.grpc_util import query_info, wait_healthy
 from dsd_node.ops.testnet import Testnet, plan_discovery
 from dsd_node.p2p.discovery import Discovery
 from dsd_node.p2p.identity import Identity
+
+pytestmark = pytest.mark.slow  # starts node processes / network
 
 TTL = 6.0
 
@@ -57,9 +60,10 @@ async def test_discovery_replicas_waiting_head_and_failover(reference, tokenizer
             records = await d.find("embedded:target")
             assert sorted((r.layer_start, r.layer_end) for r in records) == [(0, 3), (0, 3), (3, 5), (3, 5), (5, 8), (5, 8)]
 
-            route = re.findall(r"(127\.0\.0\.1:\d+)\[(\d+):(\d+)\]", net.tail("head", 80).split("dsd-node route: ")[-1])
-            assert [(int(a), int(b)) for _, a, b in route] == [(0, 3), (3, 5), (5, 8)]
-            victim = next(s for s in specs if s.address == route[1][0])
+            async with grpc.aio.insecure_channel(by_name["head"].address) as ch:
+                route = (await query_info(ch)).route  # the head says which route it uses
+            assert [(h.layer_start, h.layer_end) for h in route] == [(0, 3), (3, 5), (5, 8)]
+            victim = next(s for s in specs if s.address == route[1].address)
             victim_peer = next(r.peer_id for r in records if r.grpc_address == victim.address)
 
             # SIGKILL a stage of the route during a long greedy generation: the text is unchanged

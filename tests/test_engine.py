@@ -15,7 +15,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from dsd_node.engine.head import GenerationConfig
+from dsd_node.engine.config import GenerationConfig, TreeShape
 from dsd_node.engine.local import LocalEngine
 from dsd_node.engine.models import ModelError, check_same_tokenizer, load_shard, split_layers
 from dsd_node.engine.shard_runner import ShardRunner
@@ -96,15 +96,16 @@ def test_drafter_with_another_tokenizer_is_refused(tokenizer, tmp_path):
         check_same_tokenizer(tokenizer, other, "embedded:target", "other")
 
 
+@pytest.mark.slow
 def test_draft_tree_budget():
     from dsd_node.engine.drafter import Drafter, DraftRequest
 
     d = Drafter("embedded:drafter")
-    tree = d.draft("s", DraftRequest([1, 2, 3], depth=5, branch=2, branch_depth=2)).tree
+    tree = d.draft("s", DraftRequest([1, 2, 3], depth=5, tree=TreeShape(branch=2, branch_depth=2))).tree
     assert len(tree) == 5 + 2 * 2 and tree.depths().count(0) == 3  # the main chain + 2 alternatives at 2 levels
-    capped = d.draft("s", DraftRequest([1, 2, 3], depth=5, branch=2, branch_depth=2, max_nodes=6))
+    capped = d.draft("s", DraftRequest([1, 2, 3], depth=5, tree=TreeShape(branch=2, branch_depth=2, max_nodes=6)))
     assert len(capped.tree) == 6 and len(capped.main_path) == 5  # the main chain first
-    assert len(d.draft("s", DraftRequest([1, 2, 3], depth=5, max_nodes=3)).tree) == 3
+    assert len(d.draft("s", DraftRequest([1, 2, 3], depth=5, tree=TreeShape(max_nodes=3))).tree) == 3
 
 
 def test_malformed_trees_are_refused():
@@ -121,6 +122,7 @@ def engine3():
     return LocalEngine("embedded:target", "embedded:drafter", stages=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ar", "si", "dsi"])
 def test_greedy_is_lossless_in_every_mode(engine3, reference, tokenizer, mode):
     for prompt in PROMPTS:
@@ -132,6 +134,7 @@ def test_greedy_is_lossless_in_every_mode(engine3, reference, tokenizer, mode):
             assert max(got.stats.accepted_per_round) > 1  # the drafter is actually used
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stages", [1, 2, 4])
 def test_greedy_lossless_with_branching_trees_and_any_cut(reference, tokenizer, stages):
     eng = LocalEngine("embedded:target", "embedded:drafter", stages=stages)
@@ -139,10 +142,11 @@ def test_greedy_lossless_with_branching_trees_and_any_cut(reference, tokenizer, 
         ids = tokenizer(prompt)["input_ids"]
         want = hf_greedy(reference, ids, 30, tokenizer.eos_token_id)
         for mode in ("si", "dsi"):
-            cfg = GenerationConfig(mode=mode, max_new_tokens=30, draft_k=5, branch=2, branch_depth=2, max_inflight=4)
+            cfg = GenerationConfig(mode=mode, max_new_tokens=30, draft_k=5, tree=TreeShape(branch=2, branch_depth=2), max_inflight=4)
             assert eng.generate(ids, cfg).tokens == want
 
 
+@pytest.mark.slow
 def test_random_drafter_and_self_drafter(reference, tokenizer, random_drafter):
     ids = tokenizer(PROMPTS[0])["input_ids"]
     want = hf_greedy(reference, ids, 30, tokenizer.eos_token_id)
@@ -157,6 +161,7 @@ def test_random_drafter_and_self_drafter(reference, tokenizer, random_drafter):
     assert r.stats.rounds_wasted == 0 and max(r.stats.inflight) >= 1
 
 
+@pytest.mark.slow
 def test_rollback_stress_leaves_caches_equal_to_a_fresh_prefill(reference, tokenizer, random_drafter):
     eng = LocalEngine("embedded:target", random_drafter, stages=3)
     ids = tokenizer(PROMPTS[1])["input_ids"]
@@ -187,6 +192,7 @@ def _exact_marginals(model, ids: list[int], params: SamplingParams) -> tuple[tor
     return p1, (p1[support].unsqueeze(1) * p2_given).sum(0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["si", "dsi"])
 def test_sampling_keeps_the_target_distribution(reference, tokenizer, random_drafter, mode):
     """Multi-step speculative sampling over draft trees, with a drafter far from the target, must still sample
@@ -199,7 +205,7 @@ def test_sampling_keeps_the_target_distribution(reference, tokenizer, random_dra
     c1, c2 = torch.zeros_like(p1), torch.zeros_like(p2)
     for seed in range(n):
         cfg = GenerationConfig(mode=mode, max_new_tokens=2, draft_k=3, max_inflight=2, ignore_eos=True,
-                               branch=2, branch_depth=2,  # trees: siblings drawn i.i.d. from q
+                               tree=TreeShape(branch=2, branch_depth=2),  # trees: siblings drawn i.i.d. from q
                                sampling=SamplingParams.create(temperature=1.0, top_p=0.9, seed=seed))
         toks = eng.generate(ids, cfg).tokens
         c1[toks[0]] += 1
@@ -217,14 +223,15 @@ def _bucketed_tv(emp: torch.Tensor, exact: torch.Tensor, top: int = 8) -> float:
     return 0.5 * (e - x).abs().sum().item()
 
 
+@pytest.mark.slow
 def test_adaptive_mode_is_explicitly_lossy_and_strict_at_zero_margins(engine3, reference, tokenizer):
     ids = tokenizer(PROMPTS[2])["input_ids"]
     want = hf_greedy(reference, ids, 40, tokenizer.eos_token_id)
     strict = SamplingParams.create(adaptive=True, adaptive_margin=0.0, adaptive_tie_margin=0.0)
     assert engine3.generate(ids, GenerationConfig(max_new_tokens=40, sampling=strict)).tokens == want
     loose = SamplingParams.create(adaptive=True, adaptive_margin=1.0, adaptive_tie_margin=1.0)
-    got = engine3.generate(ids, GenerationConfig(max_new_tokens=40, branch=0, sampling=loose))
-    greedy = engine3.generate(ids, GenerationConfig(max_new_tokens=40, branch=0))
+    got = engine3.generate(ids, GenerationConfig(max_new_tokens=40, tree=TreeShape(branch=0), sampling=loose))
+    greedy = engine3.generate(ids, GenerationConfig(max_new_tokens=40, tree=TreeShape(branch=0)))
     # accepting everything: the output is the drafter's chain, rounds take whole drafts
     assert min(got.stats.accepted_per_round[:-1]) == 5
     assert sum(got.stats.accepted_per_round) / got.stats.rounds > sum(greedy.stats.accepted_per_round) / greedy.stats.rounds

@@ -91,12 +91,14 @@ async def start_sink() -> tuple[Sink, asyncio.Server, int]:
     return sink, server, server.sockets[0].getsockname()[1]
 
 
+@pytest.mark.slow
 async def test_rtt_without_delay_is_small(echo_port: int) -> None:
     async with emulator(echo_port) as em:
         rtts = await measure_rtt(HOST, em.port, 20)
     assert statistics.median(rtts) < 1.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay_ms", [10, 25])
 async def test_rtt_is_twice_the_delay(echo_port: int, delay_ms: int) -> None:
     async with emulator(echo_port, delay_ms=delay_ms) as em:
@@ -105,6 +107,7 @@ async def test_rtt_is_twice_the_delay(echo_port: int, delay_ms: int) -> None:
     assert min(rtts) > 2 * delay_ms - 1.0, rtts
 
 
+@pytest.mark.slow
 async def test_bandwidth_limit() -> None:
     sink, server, port = await start_sink()
     async with emulator(port, rate_bps=parse_rate("8mbit")) as em:
@@ -120,6 +123,7 @@ async def test_bandwidth_limit() -> None:
     assert 0.16 < elapsed < 0.24, elapsed  # 200 kB * 8 / 8 Mbit/s = 0.2 s
 
 
+@pytest.mark.slow
 async def test_pipelining_keeps_throughput() -> None:
     """Messages sent while others are in flight are not held back: delay is per chunk, not per connection."""
     sink, server, port = await start_sink()
@@ -139,6 +143,7 @@ async def test_pipelining_keeps_throughput() -> None:
     assert max(latencies) < 40, latencies  # scheduling hiccups aside; store-and-forward would be >> 100
 
 
+@pytest.mark.slow
 async def test_jitter_varies_delay_but_never_reorders() -> None:
     sink, server, port = await start_sink()
     async with emulator(port, delay_ms=20, jitter_ms=8, seed=7) as em:
@@ -154,6 +159,7 @@ async def test_jitter_varies_delay_but_never_reorders() -> None:
     assert max(latencies) - min(latencies) > 4, latencies  # jitter is really applied
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [{"delay_ms": 3, "jitter_ms": 2, "seed": 1}, {"delay_ms": 1, "rate_bps": 400e6}])
 async def test_byte_stream_integrity(echo_port: int, config: dict[str, float]) -> None:
     """1 MB of random bytes to an echo server and back, written in random-sized pieces, half-closed."""
@@ -175,6 +181,7 @@ async def test_byte_stream_integrity(echo_port: int, config: dict[str, float]) -
     assert echoed == blob  # read() returned at EOF: the echo server's close came through
 
 
+@pytest.mark.slow
 async def test_close_and_half_close_propagate() -> None:
     got: list[bytes] = []
 
@@ -204,6 +211,7 @@ async def test_close_and_half_close_propagate() -> None:
     assert 19 < elapsed_ms < 30
 
 
+@pytest.mark.slow
 async def test_refused_target_closes_client_and_emulator_keeps_serving() -> None:
     probe = socket.socket()
     probe.bind((HOST, 0))
@@ -240,6 +248,7 @@ def _grpc_server() -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
+@pytest.mark.slow
 async def test_grpc_through_emulator() -> None:
     server, port = _grpc_server()
     await server.start()
@@ -278,6 +287,7 @@ async def test_grpc_through_emulator() -> None:
     assert burst_ms < 80, burst_ms  # one round trip, not 20
 
 
+@pytest.mark.slow
 async def test_cli_relays_and_stops_on_sigterm(echo_port: int) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "netem.link_emulator", "--listen", f"{HOST}:0", "--target", f"{HOST}:{echo_port}",
@@ -332,6 +342,7 @@ def test_config_from_env() -> None:
         LinkConfig(delay_ms=-1)
 
 
+@pytest.mark.slow
 async def test_start_on_a_busy_port_raises_and_cleans_up(echo_port: int) -> None:
     em = LinkEmulator(HOST, echo_port, HOST, echo_port)
     with pytest.raises(OSError):

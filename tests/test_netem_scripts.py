@@ -75,6 +75,7 @@ def test_shellcheck() -> None:
     assert proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.slow
 def test_apply_with_real_tc_fails_clearly_without_netem() -> None:
     iface = harmless_iface()
     proc = run(TC_NETEM, "apply", iface, DSD_LINK_DELAY_MS="25")
@@ -161,6 +162,7 @@ def test_entrypoint_refuses_to_run_without_requested_delay(fake_tc: tuple[Path, 
     assert "ran" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_entrypoint_with_real_tc_refuses_to_run() -> None:
     iface = harmless_iface()
     proc = run(ENTRYPOINT, "sh", "-c", SHOW_ENV, DSD_LINK_DELAY_MS="25", DSD_LINK_IFACE=iface)

@@ -14,15 +14,17 @@ import pytest
 import torch
 from conftest import PROMPTS, hf_greedy
 
-from dsd_node.engine.head import GenerationConfig
+from dsd_node.engine.config import GenerationConfig
 from dsd_node.engine.messages import Hop, RoundMsg
 from dsd_node.engine.tree import TokenTree
 from dsd_node.net.client import ClientError, DsdClient
-from dsd_node.net.node_server import query_info, wait_healthy
+from dsd_node.net.grpc_util import query_info, wait_healthy
 from dsd_node.net.wire import round_to_pb
 from dsd_node.ops.testnet import Testnet, plan
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
+
+pytestmark = pytest.mark.slow  # starts node processes / network
 
 EXTRA = ["--max-message-mb", "4", "--round-timeout", "20"]
 
@@ -52,7 +54,7 @@ async def test_greedy_through_stage_processes_equals_hf_generate(net, reference,
             inflight = [1, 2, 4, 0][i % 4]  # 0: one per stage
             r = await c.generate(prompt, GenerationConfig(mode=mode, max_new_tokens=32, max_inflight=inflight))
             assert r.tokens == hf_greedy(reference, ids, 32, tokenizer.eos_token_id), (mode, prompt)
-            assert r.stats["new_tokens"] == len(r.tokens) and r.stats["rounds"] >= 1
+            assert r.stats.new_tokens == len(r.tokens) and r.stats.rounds >= 1
             assert tokenizer.decode(r.tokens) == r.text
 
 
@@ -121,7 +123,7 @@ async def test_bad_input_gets_clear_statuses_and_the_node_keeps_serving(net2, re
 
     good = torch.zeros(1, 2, 256)
     cases = {
-        "wrong dtype": (second_stage_round(good.half()), grpc.StatusCode.INVALID_ARGUMENT, "float16"),
+        # another float dtype is converted to the stage's own, not refused (tests/test_precision.py)
         "wrong shape": (second_stage_round(torch.zeros(1, 3, 256)), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
         "oversized": (second_stage_round(torch.zeros(1, 2, 3_000_000)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     }

@@ -35,6 +35,7 @@ def make_record(ident: Identity, **kw: object) -> NodeRecord:
     return NodeRecord(**fields)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_identity_persists_across_restarts(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "dir" / "identity.key"
     first = load_or_create_identity(path)

@@ -1,22 +1,36 @@
-"""Assembling and running one node: load what its roles need, serve gRPC, stop cleanly on SIGTERM/SIGINT."""
+"""One node's life: load what its roles need, serve gRPC, join the network, find a route, stop cleanly on SIGTERM/SIGINT.
+
+`run_node(cfg)` runs these steps in order; each is a method of `Node`:
+  listen          the gRPC server on cfg.listen (health NOT_SERVING until ready)
+  load            the stage's shard, the drafter, the model hash (a one-line error for a bad model)
+  add_services    Stage, Drafter, Gateway, Node (Info) on the server
+  join            libp2p discovery and the announcers of this node's records (with --bootstrap / --listen-p2p)
+  build_gateway   a head's route: from --route addresses or from discovery (may wait; SIGTERM still stops it)
+  serve           SERVING until a signal
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
+from dsd_node import __version__
+from dsd_node.daemon.config import NodeConfig
 from dsd_node.engine.drafter import Drafter
+from dsd_node.engine.local import LocalDraftSource
 from dsd_node.engine.messages import Hop
 from dsd_node.engine.models import (
     ModelError,
     check_same_tokenizer,
     load_shard,
     load_tokenizer,
+    model_num_layers,
     parse_layers,
     weights_hash,
 )
@@ -24,47 +38,209 @@ from dsd_node.engine.shard_runner import ShardRunner
 from dsd_node.engine.stage import StageHandler
 from dsd_node.engine.tree import TokenTree
 from dsd_node.engine.verify import low_importance_mask
-from dsd_node.net.node_server import (
-    Channels,
-    DrafterService,
-    GatewayConfig,
-    GatewayService,
-    NodeService,
-    NodeState,
-    StageService,
-    make_server,
-    query_info,
-)
+from dsd_node.net.gateway import GatewayConfig, GatewayService
+from dsd_node.net.grpc_util import Channels, make_server, query_info
+from dsd_node.net.node_services import DrafterService, NodeService
 from dsd_node.net.pipeline_client import RemoteDraftSource
-from dsd_node.node_cli import install_signal_handlers
-from dsd_node.p2p.discovery import DiscoveryError
+from dsd_node.net.stage_service import StageService
+from dsd_node.net.wire import NodeInfo
+from dsd_node.p2p.discovery import Discovery, DiscoveryError
 from dsd_node.p2p.identity import IdentityError
+from dsd_node.p2p.peers import RouteFinder, make_record, start_discovery
+from dsd_node.p2p.records import NodeRecord
+from dsd_node.p2p.routing import RouteError, build_route
 from dsd_node.proto import dsd_pb2_grpc as rpc
-from netem.link_emulator import LinkConfig, LinkEmulator, emulator_requested
 
 log = logging.getLogger("dsd.node")
 
 
-class RouteIncomplete(RuntimeError):
-    pass
+class NodeStartError(RuntimeError):
+    """The node cannot start or go on: printed as one line, exit code 2."""
 
 
-def check_route(hops: list[Hop], num_layers: int, model: str) -> None:
-    """A route must cover [0, num_layers) contiguously; name the layers without a host otherwise."""
-    pos = 0
-    for h in hops:
-        if h.layer_start != pos:
-            raise RouteIncomplete(f"no stage hosts layers {pos}:{h.layer_start} of {model}" if h.layer_start > pos
-                                  else f"stages overlap at layer {h.layer_start} ({h.address})")
-        pos = h.layer_end
-    if pos != num_layers:
-        raise RouteIncomplete(f"no stage hosts layers {pos}:{num_layers} of {model}")
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_node(cfg: NodeConfig) -> None:
+    await Node(cfg).run()
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.roles = cfg.roles
+        self.role = "+".join(self.roles)
+        self.stop = asyncio.Event()
+        self.channels = Channels()
+        self.server, self.health = make_server(cfg.max_message_mb)
+        self.address = self.self_address = ""
+        self.model_hash = ""
+        self.num_layers = 0
+        self.tokens_per_s = 0.0
+        self.stage: StageHandler | None = None
+        self.drafter: Drafter | None = None
+        self.gateway: GatewayService | None = None
+        self.discovery: Discovery | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    async def run(self) -> None:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        install_signal_handlers(self.stop)
+        self.listen()
+        self.load()
+        self.add_services()
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        try:
+            await self.join()
+            if self.gateway is not None and not await self.build_gateway():
+                return  # stopped while waiting for a route
+            await self.serve()
+        except (RouteError, DiscoveryError, IdentityError, NodeStartError) as e:
+            print(f"dsd-node: {e}", flush=True)
+            raise SystemExit(2) from e
+        finally:
+            await self.shutdown()
+
+    def listen(self) -> None:
+        host, _, _ = self.cfg.listen.rpartition(":")
+        port = self.server.add_insecure_port(self.cfg.listen)
+        if port == 0:
+            raise SystemExit(f"dsd-node: cannot listen on {self.cfg.listen}")
+        local_host = "127.0.0.1" if host in ("0.0.0.0", "[::]", "") else host
+        self.self_address = f"{local_host}:{port}"  # where this process reaches itself ("self" in a route)
+        self.address = self.cfg.advertise or self.self_address
+
+    def load(self) -> None:
+        cfg = self.cfg
+        try:
+            if "stage" in self.roles:
+                self.num_layers = model_num_layers(cfg.model)
+                a, b = parse_layers(cfg.layers) if cfg.layers else (0, self.num_layers)
+                shard = load_shard(cfg.model, a, b, cfg.dtype)
+                tok = load_tokenizer(cfg.model) if shard.is_last else None
+                runner = ShardRunner(shard, max_sessions=cfg.max_sessions, max_kv_bytes=(cfg.max_kv_mb << 20) or None)
+                self.stage = StageHandler(runner, low_importance=(lambda: low_importance_mask(tok)) if tok else None)
+            if "drafter" in self.roles or ("head" in self.roles and cfg.drafter):
+                name = cfg.drafter if "head" in self.roles else cfg.model
+                name = cfg.model if name == "self" else (name or "embedded:drafter")
+                self.drafter = Drafter(name, cfg.dtype, max_sessions=cfg.max_sessions)
+            if self.stage is not None or "head" in self.roles:
+                self.model_hash = weights_hash(cfg.model)
+        except (ModelError, ValueError) as e:
+            raise SystemExit(f"dsd-node: {e}") from e
+        if self.stage is not None:
+            self.tokens_per_s = measure_tokens_per_s(self.stage.runner)
+
+    def add_services(self) -> None:
+        if self.stage is not None:
+            rpc.add_StageServicer_to_server(StageService(self.stage, self.channels, self.cfg.session_ttl), self.server)
+        if self.drafter is not None:
+            rpc.add_DrafterServicer_to_server(DrafterService(self.drafter), self.server)
+        if "head" in self.roles:
+            self.gateway = GatewayService(self.address, self.channels)  # reply_to: where last stages reach us
+            rpc.add_GatewayServicer_to_server(self.gateway, self.server)
+        rpc.add_NodeServicer_to_server(NodeService(self.describe), self.server)
+
+    def describe(self) -> NodeInfo:
+        """What Info answers: roles, model, layers, load, and a head's route."""
+        sh = self.stage.runner.shard if self.stage else None
+        sessions = len(self.stage.runner.sessions) if self.stage else len(self.drafter.sessions) if self.drafter else 0
+        return NodeInfo(role=self.role, model=self.cfg.model, model_hash=self.model_hash,
+                        layer_start=sh.start if sh else 0, layer_end=sh.end if sh else 0, num_layers=self.num_layers,
+                        version=__version__, sessions=sessions, max_sessions=self.cfg.max_sessions,
+                        peer_id=self.discovery.peer_id if self.discovery else "", address=self.address,
+                        tokens_per_s=self.tokens_per_s, dtype=str(sh.dtype).removeprefix("torch.") if sh else "",
+                        route=self.gateway.route if self.gateway else [])
+
+    async def join(self) -> None:
+        cfg = self.cfg
+        if not ("bootstrap" in self.roles or cfg.bootstrap or cfg.listen_p2p):
+            return
+        listen_p2p = cfg.listen_p2p or ("/ip4/0.0.0.0/tcp/4001" if "bootstrap" in self.roles else None)
+        self.discovery = await start_discovery(cfg.identity, self.role, listen_p2p, cfg.bootstrap)
+        print(f"dsd-node p2p: peer id {self.discovery.peer_id} listening on {' '.join(self.discovery.listen_addrs)}",
+              flush=True)
+        for role, present in (("stage", self.stage), ("drafter", self.drafter)):
+            if present is not None:
+                self.tasks.append(asyncio.create_task(
+                    self.discovery.run_announcer(lambda role=role: self.record(role), cfg.announce_ttl / 3)))
+
+    def record(self, role: str) -> NodeRecord:
+        sh = self.stage.runner.shard if role == "stage" else None
+        sessions = len(self.stage.runner.sessions) if sh else len(self.drafter.sessions)
+        return make_record(self.discovery.peer_id, role, self.cfg.model if sh else self.drafter.model_id,
+                           self.model_hash if sh else "", sh.start if sh else 0, sh.end if sh else 0,
+                           self.num_layers if sh else 0, self.address, self.tokens_per_s, sessions,
+                           self.cfg.max_sessions, self.cfg.announce_ttl)
+
+    async def build_gateway(self) -> bool:
+        """Give the gateway its route and drafter; False if a signal came first."""
+        building = asyncio.create_task(self.gateway_config())
+        stopping = asyncio.create_task(self.stop.wait())
+        await asyncio.wait({building, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not building.done():
+            building.cancel()
+            return False
+        self.gateway.cfg = building.result()
+        route = self.gateway.cfg.route
+        print("dsd-node route: " + " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in route), flush=True)
+        return True
+
+    async def gateway_config(self) -> GatewayConfig:
+        cfg = self.cfg
+        tok = load_tokenizer(cfg.model)
+        if cfg.drafter_addr:
+            drafter = RemoteDraftSource(self.channels.get(cfg.drafter_addr), cfg.drafter_addr)
+        elif self.drafter is not None:
+            if cfg.drafter not in (None, "self", cfg.model):
+                check_same_tokenizer(tok, load_tokenizer(cfg.drafter), cfg.model, cfg.drafter)
+            drafter = LocalDraftSource(self.drafter)
+        else:
+            drafter = None
+        reroute = None
+        if cfg.route:
+            addrs = [self.self_address if a == "self" else a for a in cfg.route_addresses]
+            route = await route_from_addresses(addrs, self.channels, cfg.model, wait_s=cfg.round_timeout)
+        elif self.discovery is not None:
+            finder = RouteFinder(self.discovery, self.channels, cfg.model, self.model_hash, model_num_layers(cfg.model),
+                                 say=lambda m: print(f"dsd-node: {m}", flush=True))
+            route = await finder.route(wait_s=cfg.route_wait)
+            reroute = finder.reroute
+        else:
+            raise NodeStartError("head needs --route ADDR,ADDR,... (stage addresses, first stage first) or --bootstrap")
+        return GatewayConfig(route, tok, drafter, cfg.max_inflight, cfg.round_timeout, reroute)
+
+    async def serve(self) -> None:
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        layers = f" layers={self.stage.runner.shard.start}:{self.stage.runner.shard.end}" if self.stage else ""
+        print(f"dsd-node ready: role={self.role} model={self.cfg.model}{layers} listen={self.address}", flush=True)
+        await self.stop.wait()
+
+    async def shutdown(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        if self.discovery is not None:
+            try:
+                await asyncio.wait_for(self.discovery.withdraw(), 3)
+            except Exception as e:  # leaving anyway: the record expires on its own
+                log.info("withdraw failed: %s", e)
+            await self.discovery.stop()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=2)
+        await self.channels.close()
+        log.info("stopped")
 
 
 async def route_from_addresses(addresses: list[str], channels: Channels, model: str, wait_s: float) -> list[Hop]:
-    """Ask each stage for its layers (waiting, with a message, for stages that are not up yet)."""
+    """Ask each stage for its layers (waiting, with a message, for stages not up yet); the route through them."""
     deadline = time.monotonic() + wait_s
-    hops: list[Hop] = []
+    records: list[NodeRecord] = []
     for addr in addresses:
         while True:
             try:
@@ -72,119 +248,13 @@ async def route_from_addresses(addresses: list[str], channels: Channels, model: 
                 break
             except grpc.aio.AioRpcError as e:
                 if time.monotonic() > deadline:
-                    raise RouteIncomplete(f"stage {addr} does not answer ({e.code().name})") from e
+                    raise NodeStartError(f"stage {addr} does not answer ({e.code().name})") from e
                 log.info("waiting for stage %s ...", addr)
                 await asyncio.sleep(1.0)
-        hops.append(Hop(addr, info.layer_start, info.layer_end))
-        num_layers = info.num_layers
-    check_route(hops, num_layers, model)
-    return hops
-
-
-async def run_node(cfg: dict) -> None:
-    roles = cfg["roles"]
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
-    server, health_servicer = make_server(int(cfg["max_message_mb"]))
-    host, _, want_port = cfg["listen"].rpartition(":")
-    emulator = None
-    if emulator_requested():  # userspace link emulation in front of our port (no kernel netem here)
-        internal = server.add_insecure_port("127.0.0.1:0")
-        emulator = LinkEmulator(host, int(want_port), "127.0.0.1", internal, LinkConfig.from_env())
-        await emulator.start()
-        port = emulator.port
-        log.info("link emulator on %s:%d -> 127.0.0.1:%d (%s)", host, port, internal, emulator.config.describe())
-        self_address = f"127.0.0.1:{internal}"
-    else:
-        port = server.add_insecure_port(cfg["listen"])
-        self_address = None
-    if port == 0:
-        raise SystemExit(f"dsd-node: cannot listen on {cfg['listen']}")
-    address = cfg["advertise"] or f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{port}"
-    self_address = self_address or address
-    model = cfg["model"]
-    state = NodeState(role="+".join(roles), address=address, model_id=model, max_sessions=int(cfg["max_sessions"]),
-                      session_ttl_s=float(cfg["session_ttl"]), channels=Channels())
-    stage_handler = drafter = None
-    try:
-        if "stage" in roles:
-            from dsd_node.engine.models import model_num_layers
-
-            n = model_num_layers(model)
-            a, b = parse_layers(cfg["layers"]) if cfg["layers"] else (0, n)
-            shard = load_shard(model, a, b, cfg["dtype"])
-            tok = load_tokenizer(model) if shard.is_last else None
-            kv_cap = int(cfg["max_kv_mb"]) << 20 or None
-            stage_handler = StageHandler(ShardRunner(shard, max_sessions=state.max_sessions, max_kv_bytes=kv_cap),
-                                         low_importance=(lambda: low_importance_mask(tok)) if tok else None)
-            state.num_layers = shard.num_layers
-            rpc.add_StageServicer_to_server(StageService(state, stage_handler), server)
-        drafter_model = cfg["drafter"] if "head" in roles else model
-        if "drafter" in roles or ("head" in roles and cfg["drafter"]):
-            drafter = Drafter(model if drafter_model == "self" else (drafter_model or "embedded:drafter"), cfg["dtype"],
-                              max_sessions=state.max_sessions)
-            rpc.add_DrafterServicer_to_server(DrafterService(drafter), server)
-        if stage_handler or "head" in roles:
-            state.model_hash = weights_hash(model)
-    except (ModelError, ValueError) as e:
-        raise SystemExit(f"dsd-node: {e}") from e
-    if stage_handler is not None:
-        state.tokens_per_s = measure_tokens_per_s(stage_handler.runner)
-    rpc.add_NodeServicer_to_server(NodeService(state, stage_handler, drafter), server)
-    gateway = None
-    if "head" in roles:
-        gateway = GatewayService(state, None)
-        rpc.add_GatewayServicer_to_server(gateway, server)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
-    discovery = None
-    tasks: list[asyncio.Task] = []
-    try:
-        if "bootstrap" in roles or cfg["bootstrap"] or cfg["listen_p2p"]:
-            from dsd_node.p2p.peers import start_discovery
-
-            discovery = await start_discovery(cfg["identity"], state.role, cfg["listen_p2p"] or
-                                              ("/ip4/0.0.0.0/tcp/4001" if "bootstrap" in roles else None), cfg["bootstrap"])
-            state.peer_id = discovery.peer_id
-            print(f"dsd-node p2p: peer id {discovery.peer_id} listening on {' '.join(discovery.listen_addrs)}", flush=True)
-            for role, kind in (("stage", stage_handler), ("drafter", drafter)):
-                if kind is not None:
-                    tasks.append(asyncio.create_task(discovery.run_announcer(
-                        _record_fn(state, role, stage_handler, drafter, float(cfg["announce_ttl"])),
-                        float(cfg["announce_ttl"]) / 3)))
-        if gateway is not None:  # may wait for stages to appear: SIGTERM must still stop us meanwhile
-            building = asyncio.create_task(_gateway_config(cfg, state, drafter, self_address, discovery))
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({building, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not building.done():
-                building.cancel()
-                return
-            gateway.cfg = building.result()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        layers = f" layers={stage_handler.runner.shard.start}:{stage_handler.runner.shard.end}" if stage_handler else ""
-        print(f"dsd-node ready: role={state.role} model={model}{layers} listen={address}", flush=True)
-        await stop.wait()
-    except (RouteIncomplete, DiscoveryError, IdentityError) as e:
-        print(f"dsd-node: {e}", flush=True)
-        raise SystemExit(2) from e
-    finally:
-        for t in tasks:
-            t.cancel()
-        if discovery is not None:
-            try:
-                await asyncio.wait_for(discovery.withdraw(), 3)
-            except Exception as e:  # leaving anyway: the record expires on its own
-                log.info("withdraw failed: %s", e)
-            await discovery.stop()
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=2)
-        await state.channels.close()
-        if emulator is not None:
-            await emulator.close()
-        log.info("stopped")
+        records.append(make_record(addr, "stage", model, info.model_hash, info.layer_start, info.layer_end,
+                                   info.num_layers, addr, info.tokens_per_s, info.sessions, info.max_sessions, wait_s))
+    chain = build_route(records, max(r.num_layers for r in records), model_id=model)  # RouteError names the gaps
+    return [Hop(r.grpc_address, r.layer_start, r.layer_end) for r in chain]
 
 
 def measure_tokens_per_s(runner: ShardRunner, n: int = 32) -> float:
@@ -196,53 +266,3 @@ def measure_tokens_per_s(runner: ShardRunner, n: int = 32) -> float:
     runner.forward("__probe__", 0, [], tree, hidden)
     runner.end_session("__probe__")
     return n / max(1e-6, time.perf_counter() - t0)
-
-
-def _record_fn(state: NodeState, role: str, stage: StageHandler | None, drafter: Drafter | None, ttl_s: float):
-    from dsd_node.p2p.peers import make_record
-
-    def record():
-        sh = stage.runner.shard if role == "stage" else None
-        sessions = len(stage.runner.sessions) if role == "stage" else len(drafter.sessions)
-        return make_record(state.peer_id, role, state.model_id if sh else drafter.model_id, state.model_hash if sh else "",
-                           sh.start if sh else 0, sh.end if sh else 0, state.num_layers if sh else 0, state.address,
-                           state.tokens_per_s, sessions, state.max_sessions, ttl_s)
-
-    return record
-
-
-async def _gateway_config(cfg: dict, state: NodeState, local_drafter: Drafter | None, self_address: str,
-                          discovery=None) -> GatewayConfig:
-    model = cfg["model"]
-    tok = load_tokenizer(model)
-    if cfg["drafter_addr"]:
-        drafter_src = RemoteDraftSource(state.channels.get(cfg["drafter_addr"]), cfg["drafter_addr"])
-    elif local_drafter is not None:
-        from dsd_node.engine.local import LocalDraftSource
-
-        if cfg["drafter"] not in (None, "self", model):
-            check_same_tokenizer(tok, load_tokenizer(cfg["drafter"]), model, cfg["drafter"])
-        drafter_src = LocalDraftSource(local_drafter)
-    else:
-        drafter_src = None
-    reroute = None
-    if cfg["route"]:
-        addrs = [a.strip() for a in str(cfg["route"]).split(",") if a.strip()]
-        addrs = [self_address if a == "self" else a for a in addrs]  # our own stage: no emulated link
-        route = await route_from_addresses(addrs, state.channels, model, wait_s=float(cfg["round_timeout"]))
-    elif discovery is not None:
-        from dsd_node.engine.models import model_num_layers
-        from dsd_node.p2p.peers import RouteFinder
-        from dsd_node.p2p.routing import RouteError
-
-        finder = RouteFinder(discovery, state.channels, model, state.model_hash, model_num_layers(model),
-                             say=lambda m: print(f"dsd-node: {m}", flush=True))
-        try:
-            route = await finder.route(wait_s=float(cfg["route_wait"]))
-        except RouteError as e:
-            raise RouteIncomplete(str(e)) from e
-        reroute = finder.reroute
-    else:
-        raise RouteIncomplete("head needs --route ADDR,ADDR,... (stage addresses, first stage first) or --bootstrap")
-    print("dsd-node route: " + " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in route), flush=True)
-    return GatewayConfig(route, tok, drafter_src, int(cfg["max_inflight"]), float(cfg["round_timeout"]), reroute)

@@ -8,6 +8,9 @@ is attached to each node for lossless verification.
 
 Per session the drafter keeps its KV cache and reuses the longest common prefix with the next
 context, so a round costs one forward pass per drafted token.
+
+The drafter is the whole model as one shard (dsd_node.engine.models.load_shard): built on the meta
+device and read from safetensors straight onto its device, where its cache, logits and sampling stay.
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from dsd_node.engine.models import DTYPES, resolve_model_path
-from dsd_node.engine.tree import SparseDist, TokenTree
+from dsd_node.engine.config import TreeShape
+from dsd_node.engine.device import make_generator
+from dsd_node.engine.models import load_shard
+from dsd_node.engine.shard_runner import run_shard
+from dsd_node.engine.tree import SparseDist, TokenTree, tree_attention
 from dsd_node.engine.verify import Rule, SamplingParams, target_probs
 
 
 @dataclass
 class DraftRequest:
     context: list[int]
-    depth: int
-    branch: int = 1
-    branch_depth: int = 1
+    depth: int  # the main chain's length
+    tree: TreeShape = field(default_factory=TreeShape)  # max_nodes: the main chain first, alternatives fill the rest
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_nodes: int = 0  # 0: no cap; the main chain comes first, alternatives fill what is left
 
 
 @dataclass
@@ -49,12 +53,12 @@ class _DraftSession:
 
 
 class Drafter:
-    def __init__(self, source: str, dtype: str = "float32", max_sessions: int = 64):
-        from transformers import AutoModelForCausalLM
-
+    def __init__(self, source: str, dtype: str | torch.dtype = "float32", max_sessions: int = 64,
+                 device: str | torch.device = "cpu"):
         self.model_id = source
-        self.model = AutoModelForCausalLM.from_pretrained(resolve_model_path(source), dtype=DTYPES[dtype]).eval()
-        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.shard = load_shard(source, 0, None, dtype, device)  # every layer, embeddings and head
+        self.device, self.dtype = self.shard.device, self.shard.dtype
+        self.vocab_size = self.shard.head.weight.shape[0]
         self.max_sessions = max_sessions
         self.sessions: dict[str, _DraftSession] = {}
 
@@ -67,14 +71,16 @@ class Drafter:
             if len(self.sessions) >= self.max_sessions:
                 oldest = min(self.sessions, key=lambda k: self.sessions[k].last_used)
                 del self.sessions[oldest]
-            s = self.sessions[session_id] = _DraftSession(DynamicCache(), rng=torch.Generator().manual_seed(seed + 1))
+            s = self.sessions[session_id] = _DraftSession(DynamicCache(), rng=make_generator(self.device, seed + 1))
         s.last_used = time.monotonic()
         return s
 
     def _feed(self, s: _DraftSession, tokens: list[int]) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([tokens]), past_key_values=s.cache, use_cache=True)
+        """Run `tokens` after the session's cached ones; the float logits after the last, on the device."""
+        mask, pos = tree_attention(list(range(-1, len(tokens) - 1)), len(s.tokens), self.dtype, self.device)
+        logits = run_shard(self.shard, s.cache, mask, pos, tokens=tokens)
         s.tokens.extend(tokens)
-        return out.logits[0, -1].float()
+        return logits[-1]
 
     @torch.inference_mode()
     def draft(self, session_id: str, req: DraftRequest) -> Draft:
@@ -99,14 +105,15 @@ class Drafter:
         dists: list[SparseDist | None] = []
         main: list[int] = []
         parent = -1
-        depth = min(req.depth, req.max_nodes) if req.max_nodes else req.depth
-        alt_budget = req.max_nodes - depth if req.max_nodes else req.branch * req.branch_depth
+        shape = req.tree
+        depth = min(req.depth, shape.max_nodes) if shape.max_nodes else req.depth
+        alt_budget = shape.max_nodes - depth if shape.max_nodes else shape.branch * shape.branch_depth
         for level in range(depth):
-            n_alt = min(alt_budget, req.branch if level < req.branch_depth else 0)
+            n_alt = min(alt_budget, shape.branch if level < shape.branch_depth else 0)
             alt_budget -= n_alt
             if sample:  # the token and its alternatives drawn i.i.d. from q, as multi-step speculative sampling needs
                 q = target_probs(logits, req.sampling)
-                drawn = torch.multinomial(q, 1 + n_alt, replacement=True, generator=s.rng).tolist()
+                drawn = torch.multinomial(q.to(s.rng.device), 1 + n_alt, replacement=True, generator=s.rng).tolist()
                 dists += [SparseDist.from_probs(q)] * (1 + n_alt)
             else:
                 drawn = torch.topk(logits, 1 + n_alt).indices.tolist()

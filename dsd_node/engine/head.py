@@ -10,7 +10,7 @@ Modes:
        adapts to how often whole rounds are accepted.
 
 The transport is abstract (`Pipeline`): the in-process pipeline (dsd_node.engine.local) and the gRPC
-network (dsd_node.net.node_server) run exactly this loop.
+network (dsd_node.net.gateway) run exactly this loop.
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
+from dsd_node.engine.config import GenerationConfig, Stats
 from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.tree import TokenTree
-from dsd_node.engine.verify import SamplingParams
-
-MODES = ("ar", "si", "dsi")
 
 
 class Pipeline(Protocol):
@@ -37,69 +35,6 @@ class Pipeline(Protocol):
 
 class DraftSource(Protocol):
     async def draft(self, session_id: str, req: DraftRequest) -> Draft: ...
-
-
-class GenerationError(RuntimeError):
-    """A generation that cannot go on (a stage failed, a protocol error), with a readable reason."""
-
-
-@dataclass
-class GenerationConfig:
-    mode: str = "si"
-    max_new_tokens: int = 64
-    draft_k: int = 4
-    branch: int = 1  # alternatives per level at the first branch_depth levels
-    branch_depth: int = 1
-    max_nodes: int = 0  # total draft tree nodes per round (0: no cap)
-    max_inflight: int = 0  # dsi: most rounds in flight; 0 = one per pipeline stage
-    min_valid_prob: float = 0.35  # dsi: send another round only if it is this likely to be used
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.mode != "ar" and not 1 <= self.draft_k <= 64:
-            raise ValueError("draft_k must be between 1 and 64")
-        if self.max_inflight < 0 or self.branch < 0 or self.branch_depth < 0 or self.max_nodes < 0:
-            raise ValueError("max_inflight, branch, branch_depth and max_nodes cannot be negative")
-
-
-@dataclass
-class Stats:
-    mode: str
-    rounds: int = 0
-    rounds_wasted: int = 0
-    accepted_per_round: list[int] = field(default_factory=list)
-    inflight: list[int] = field(default_factory=list)
-    new_tokens: int = 0
-    wall_ms: float = 0.0
-    draft_ms: float = 0.0
-
-    def add(self, other: Stats) -> None:
-        """Fold in the rounds of another session of the same generation (after a failover)."""
-        self.rounds += other.rounds
-        self.rounds_wasted += other.rounds_wasted
-        self.draft_ms += other.draft_ms
-        self.accepted_per_round += other.accepted_per_round
-        self.inflight += other.inflight
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / (self.wall_ms / 1e3) if self.wall_ms else 0.0
-
-    @property
-    def ms_per_token(self) -> float:
-        return self.wall_ms / self.new_tokens if self.new_tokens else 0.0
-
-    def as_dict(self) -> dict:
-        return {"mode": self.mode, "rounds": self.rounds, "rounds_wasted": self.rounds_wasted,
-                "accepted_per_round": self.accepted_per_round, "inflight": self.inflight,
-                "new_tokens": self.new_tokens, "tokens_per_s": round(self.tokens_per_s, 2),
-                "ms_per_token": round(self.ms_per_token, 3), "draft_ms": round(self.draft_ms, 2),
-                "wall_ms": round(self.wall_ms, 2)}
 
 
 @dataclass
@@ -150,11 +85,14 @@ class Head:
         return max(1, min(self.cfg.max_inflight or self.pipeline_depth, depth))
 
     def _speculated(self) -> int:
-        return sum(len(s.assumed) + 1 for s in self.inflight)
+        """Tokens beyond `known` that the rounds in flight assume: their drafts plus the token each verdict adds.
+
+        A pure-draft dsi round's first token is its guess for the previous round's added token, counted there."""
+        return sum(len(s.assumed) + (len(s.assumed) < len(s.main_path)) for s in self.inflight)
 
     async def _draft(self, context: list[int], depth: int) -> Draft:
         cfg = self.cfg
-        req = DraftRequest(context, depth, cfg.branch, cfg.branch_depth, cfg.sampling, cfg.max_nodes)
+        req = DraftRequest(context, depth, cfg.tree, cfg.sampling)
         d = await self.drafter.draft(self.sid, req)
         self.stats.draft_ms += d.draft_ms
         return d

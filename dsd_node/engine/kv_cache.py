@@ -6,6 +6,9 @@ segment that no round still builds on is dropped. Several rounds can be in fligh
 attends to the committed prefix, then to the assumed-accepted path of each earlier round it
 builds on (its base), then to its own tree.
 
+Everything stays on the cache's device (the shard's): keys, values and the index tensors that select
+accepted nodes.
+
 The object implements the one method transformers' attention layers call on a cache:
 `update(key, value, layer_idx, ...)`, returning the keys and values to attend to.
 """
@@ -29,8 +32,12 @@ class TreeKVCache:
     committed_len: int = 0
     segments: dict[int, dict[int, KV]] = field(default_factory=dict)  # round id -> layer -> (k, v)
     segment_len: dict[int, int] = field(default_factory=dict)
+    device: torch.device | None = None  # where index tensors are made (None: the CPU)
     _round: int | None = None
     _base: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+    def _index(self, nodes: list[int], like: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.tensor(nodes, dtype=torch.long, device=like.device if like is not None else self.device)
 
     def begin(self, round_id: int, base: list[tuple[int, list[int]]], n_nodes: int) -> int:
         """Prepare to run round `round_id` on top of `base`; returns the context length it sees."""
@@ -41,7 +48,7 @@ class TreeKVCache:
                 raise CacheError(f"round {round_id} builds on round {rid}, which this shard does not hold")
             if path and max(path) >= self.segment_len[rid]:
                 raise CacheError(f"base path {path} is outside round {rid}'s {self.segment_len[rid]} nodes")
-            self._base.append((rid, torch.tensor(path, dtype=torch.long)))
+            self._base.append((rid, self._index(path)))
             ctx += len(path)
         self._round = round_id
         self.segments[round_id] = {}
@@ -57,6 +64,8 @@ class TreeKVCache:
             vs.append(self.committed[layer_idx][1])
         for rid, path in self._base:
             k, v = self.segments[rid][layer_idx]
+            if path.device != k.device:
+                path = path.to(k.device)
             ks.append(k.index_select(2, path))
             vs.append(v.index_select(2, path))
         ks.append(key)
@@ -69,8 +78,10 @@ class TreeKVCache:
             raise CacheError(f"cannot commit round {round_id}: this shard holds no such round")
         if keep and max(keep) >= self.segment_len[round_id]:
             raise CacheError(f"commit of round {round_id} keeps node {max(keep)} of {self.segment_len[round_id]}")
-        idx = torch.tensor(keep, dtype=torch.long)
+        idx = None
         for layer, (k, v) in self.segments.pop(round_id).items():
+            if idx is None or idx.device != k.device:
+                idx = self._index(keep, k)
             k, v = k.index_select(2, idx), v.index_select(2, idx)
             if layer in self.committed:
                 ck, cv = self.committed[layer]

@@ -6,10 +6,22 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 
+import torch
+
+from dsd_node.engine.config import GenerationConfig, Stats
+from dsd_node.engine.device import resolve_device
 from dsd_node.engine.drafter import Draft, Drafter, DraftRequest
-from dsd_node.engine.head import GenerationConfig, Head, Stats
+from dsd_node.engine.head import Head
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
-from dsd_node.engine.models import check_same_tokenizer, load_shard, load_tokenizer, model_num_layers, split_layers
+from dsd_node.engine.models import (
+    check_context,
+    check_same_tokenizer,
+    load_shard,
+    load_tokenizer,
+    max_positions,
+    model_num_layers,
+    split_layers,
+)
 from dsd_node.engine.shard_runner import ShardRunner
 from dsd_node.engine.stage import StageHandler
 from dsd_node.engine.verify import low_importance_mask
@@ -62,18 +74,28 @@ class GenerationResult:
 
 
 class LocalEngine:
-    """Target cut into `stages` in-process shards, plus a drafter ("self" drafts with the target)."""
+    """Target cut into `stages` in-process shards, plus a drafter ("self" drafts with the target).
+
+    device: auto | cpu | cuda | cuda:N | mps; dtype: auto | bfloat16 | float16 | float32 (auto: the checkpoint's
+    on a GPU, float32 on a CPU; see dsd_node.engine.device). threads: torch CPU threads for this process
+    (None leaves torch's setting alone; it is process-wide)."""
 
     def __init__(self, model: str = "embedded:target", drafter: str | None = "embedded:drafter", stages: int = 2,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", device: str = "cpu", threads: int | None = None):
+        if threads:
+            torch.set_num_threads(int(threads))
+        dev = resolve_device(device)
         self.tokenizer = load_tokenizer(model)
         if drafter and drafter not in ("self", model):
             check_same_tokenizer(self.tokenizer, load_tokenizer(drafter), model, drafter)
         ranges = split_layers(model_num_layers(model), stages)
-        self.handlers = [StageHandler(ShardRunner(load_shard(model, a, b, dtype)),
+        self.handlers = [StageHandler(ShardRunner(load_shard(model, a, b, dtype, dev)),
                                       low_importance=lambda: low_importance_mask(self.tokenizer)) for a, b in ranges]
+        first = self.handlers[0].runner.shard
+        self.device, self.dtype = first.device, first.dtype
+        self.max_positions = max_positions(first.config)
         self.pipeline = LocalPipeline(self.handlers)
-        self.drafter = Drafter(model if drafter == "self" else drafter, dtype) if drafter else None
+        self.drafter = Drafter(model if drafter == "self" else drafter, dtype, device=dev) if drafter else None
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
@@ -81,6 +103,7 @@ class LocalEngine:
     async def generate_async(self, prompt: str | list[int], cfg: GenerationConfig, session_id: str | None = None,
                              keep_session: bool = False) -> GenerationResult:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        check_context(len(ids), cfg.max_new_tokens, self.max_positions)
         sid = session_id or uuid.uuid4().hex
         head = Head(sid, self.pipeline, LocalDraftSource(self.drafter) if self.drafter else None, cfg,
                     self.tokenizer.eos_token_id, pipeline_depth=len(self.handlers))

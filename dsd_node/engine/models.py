@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dsd_node.engine.device import DTYPES as DTYPES  # re-exported: the dtype names
+from dsd_node.engine.device import checkpoint_dtype, resolve_device, resolve_dtype
+
 EMBEDDED_TARGET = "embedded:target"
 EMBEDDED_DRAFTER = "embedded:drafter"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ModelError(ValueError):
@@ -103,16 +105,25 @@ def _find_parts(model: nn.Module, num_layers: int) -> Parts:
     return Parts(layers[0], by_id[id(embed)], pos, norm, by_id[id(head)], rotary)
 
 
-def _checkpoint_tensors(path: Path, wanted: set[str], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Read only the wanted tensors from the safetensors files of `path`."""
+def _safetensors_device(device: torch.device) -> str:
+    """The device string safetensors reads straight onto ("cpu", "cuda:N", "mps")."""
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return device.type
+
+
+def _checkpoint_tensors(path: Path, wanted: set[str], aliases: dict[str, str],
+                        device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Read only the wanted tensors from the safetensors files of `path`, each straight onto `device`."""
     from safetensors import safe_open
 
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise ModelError(f"{path} has no .safetensors weights (only safetensors checkpoints are supported)")
     out: dict[str, torch.Tensor] = {}
+    target = _safetensors_device(device or torch.device("cpu"))
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
+        with safe_open(str(shard), framework="pt", device=target) as f:
             for key in f.keys():
                 name = aliases.get(key, key)
                 if name in wanted:
@@ -136,6 +147,7 @@ class Shard:
     head: nn.Module | None
     rotary: nn.Module | None
     dtype: torch.dtype
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_first(self) -> bool:
@@ -157,20 +169,58 @@ def num_layers_of(config) -> int:
     return int(n)
 
 
-def load_shard(source: str, start: int = 0, end: int | None = None, dtype: str = "float32") -> Shard:
-    """Load layers [start, end) of `source`, reading only those layers' weights (plus embeddings/head at the ends)."""
+def _resolve(config, dtype: str | torch.dtype, device: str | torch.device) -> tuple[torch.dtype, torch.device]:
+    dev = resolve_device(device)
+    try:
+        return resolve_dtype(dtype, dev, checkpoint_dtype(config)), dev
+    except ValueError as e:
+        raise ModelError(str(e)) from e
+
+
+def _materialize(keep: dict[str, nn.Module], tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Give the meta-device modules in `keep` the checkpoint's tensors (already on their device), in `dtype`.
+
+    The tensors are assigned, not copied into preallocated parameters: the device never holds a
+    module twice. Tied weights stay one tensor. Integer buffers keep their dtype."""
+    converted: dict[int, torch.Tensor] = {}
+
+    def cast(v: torch.Tensor) -> torch.Tensor:
+        if not v.is_floating_point():
+            return v
+        if id(v) not in converted:
+            converted[id(v)] = v.to(dtype)
+        return converted[id(v)]
+
+    for name, mod in keep.items():
+        prefix = name + "."
+        sd = {k[len(prefix):]: cast(v) for k, v in tensors.items() if k.startswith(prefix)}
+        mod.load_state_dict(sd, strict=True, assign=True)
+        left = [n for n, t in [*mod.named_parameters(), *mod.named_buffers()] if t.is_meta]
+        if left:  # a non-persistent buffer the checkpoint cannot provide
+            raise ModelError(f"{type(mod).__name__} ({name}) has state that is not in the checkpoint: {left[:3]}")
+        mod.requires_grad_(False)
+        mod.eval()
+
+
+def load_shard(source: str, start: int = 0, end: int | None = None, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu") -> Shard:
+    """Load layers [start, end) of `source` onto `device`, reading only those layers' weights (plus embeddings/head
+    at the ends) from the safetensors files, straight onto the device: the module tree is built on the meta
+    device, so neither the whole model nor the shard ever sits in host memory on its way to a GPU.
+
+    dtype: auto | bfloat16 | float16 | float32 (or a torch.dtype); device: auto | cpu | cuda | cuda:N | mps
+    (or a torch.device). See dsd_node.engine.device for what auto means."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     path = resolve_model_path(source)
     config = AutoConfig.from_pretrained(path)
+    dt, dev = _resolve(config, dtype, device)
     n = num_layers_of(config)
     end = n if end is None else end
     if not 0 <= start < end <= n:
         raise ModelError(f"layer range {start}:{end} is not inside the model's {n} layers (0:{n})")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=dt)
     parts = _find_parts(model, n)
     keep: dict[str, nn.Module] = {f"{parts.layers_name}.{i}": model.get_submodule(parts.layers_name)[i] for i in range(start, end)}
     if start == 0:
@@ -188,26 +238,51 @@ def load_shard(source: str, start: int = 0, end: int | None = None, dtype: str =
     tied = end == n and getattr(config, "tie_word_embeddings", False)
     if tied:
         aliases[embed_w[len(prefix):]] = embed_w
-    tensors = _checkpoint_tensors(path, wanted | ({embed_w} if tied else set()), aliases)
+    tensors = _checkpoint_tensors(path, wanted | ({embed_w} if tied else set()), aliases, dev)
     if tied and head_w not in tensors and embed_w in tensors:
         tensors[head_w] = tensors[embed_w]
     missing = sorted(wanted - tensors.keys())
     if missing:
         raise ModelError(f"checkpoint {path} lacks {len(missing)} tensors this shard needs, e.g. {missing[:3]}")
-    for name, mod in keep.items():
-        mod.to_empty(device="cpu")
-        sd = {k[len(name) + 1:]: v.to(DTYPES[dtype]) for k, v in tensors.items() if k.startswith(name + ".")}
-        mod.load_state_dict(sd, strict=True)
-        mod.eval()
+    _materialize(keep, tensors, dt)
+    del tensors
     rotary = None
-    if parts.rotary_name:
-        rotary = type(model.get_submodule(parts.rotary_name))(config=config).eval()
+    if parts.rotary_name:  # its buffers are computed from the config, in float32 as Hugging Face does
+        rotary = type(model.get_submodule(parts.rotary_name))(config=config).to(dev).eval()
     layers = nn.ModuleList([keep[f"{parts.layers_name}.{i}"] for i in range(start, end)])
     return Shard(
         model_id=source, config=config, start=start, end=end, num_layers=n, layers=layers,
         embed=keep.get(parts.embed_name), pos_embed=keep.get(parts.pos_embed_name) if parts.pos_embed_name else None,
-        norm=keep.get(parts.norm_name), head=keep.get(parts.head_name), rotary=rotary, dtype=DTYPES[dtype],
+        norm=keep.get(parts.norm_name), head=keep.get(parts.head_name), rotary=rotary, dtype=dt, device=dev,
     )
+
+
+def max_positions(config_or_source) -> int | None:
+    """The most positions the model can attend over (max_position_embeddings / n_positions), None if unbounded.
+
+    Takes a config, a Shard, or a model source (see resolve_model_path)."""
+    if isinstance(config_or_source, Shard):
+        config = config_or_source.config
+    elif isinstance(config_or_source, (str, Path)):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model_path(str(config_or_source)))
+    else:
+        config = getattr(config_or_source, "config", config_or_source)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_context(n_prompt: int, max_new_tokens: int, limit: int | None) -> None:
+    """ValueError (one line) when a prompt plus the tokens asked for do not fit the model's positions."""
+    if limit is not None and n_prompt + max_new_tokens > limit:
+        fix = (f"ask for at most {limit - n_prompt} new tokens or shorten the prompt" if n_prompt < limit
+               else f"shorten the prompt to under {limit} tokens")
+        raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's context "
+                         f"of {limit} positions: {fix}")
 
 
 def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:

@@ -1,4 +1,9 @@
-"""Runs one pipeline shard on token trees: per-session KV caches, one forward pass per round."""
+"""Runs one pipeline shard on token trees: per-session KV caches, one forward pass per round.
+
+A round stays on the shard's device: token ids, the tree mask, positions, the KV cache and the hidden
+states or logits it returns. Hidden states from another stage are moved onto the device (and into the
+shard's dtype) on arrival.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ class ShardRunner:
                 raise SessionLimitError(f"node is full: {len(self.sessions)}/{self.max_sessions} sessions in use, retry later")
             if self.max_kv_bytes is not None and self.kv_bytes() >= self.max_kv_bytes:
                 raise SessionLimitError(f"node is full: KV cache memory {self.kv_bytes()} >= {self.max_kv_bytes} bytes")
-            s = self.sessions[session_id] = ShardSession()
+            s = self.sessions[session_id] = ShardSession(TreeKVCache(device=self.shard.device))
         return s
 
     def end_session(self, session_id: str) -> bool:
@@ -68,17 +73,28 @@ class ShardRunner:
         sh = self.shard
         cache = self.session(session_id).cache
         ctx = cache.begin(round_id, base, len(tree))
-        mask, pos = tree_attention(tree.parents, ctx, sh.dtype)
-        if sh.is_first:
-            h = sh.embed(torch.tensor([tree.tokens], dtype=torch.long))
-            if sh.pos_embed is not None:
-                h = h + sh.pos_embed(pos)
-        else:
-            h = hidden
-        pos_emb = sh.rotary(h, position_ids=pos) if sh.rotary is not None else None
-        for layer in sh.layers:
-            out = layer(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, position_embeddings=pos_emb)
-            h = out[0] if isinstance(out, tuple) else out
-        if sh.is_last:
-            return sh.head(sh.norm(h))[0].float()
-        return h
+        mask, pos = tree_attention(tree.parents, ctx, sh.dtype, sh.device)
+        return run_shard(sh, cache, mask, pos, tokens=tree.tokens, hidden=hidden)
+
+
+def run_shard(sh: Shard, cache, mask: torch.Tensor, pos: torch.Tensor, tokens: list[int] | None = None,
+              hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """One pass of a shard over new positions (mask and positions from tree_attention), on the shard's device.
+
+    The first shard embeds `tokens`; the others take `hidden` (from the wire, host memory, or an in-process
+    stage; another float dtype is rounded to the shard's). Returns hidden states [1, n, hidden] for the next
+    shard, or float32 logits [n, vocab] on the last one, still on the device: verification runs there too.
+    """
+    if sh.is_first:
+        h = sh.embed(torch.tensor([tokens], dtype=torch.long, device=sh.device))
+        if sh.pos_embed is not None:
+            h = h + sh.pos_embed(pos)
+    else:
+        h = hidden.to(device=sh.device, dtype=sh.dtype)
+    pos_emb = sh.rotary(h, position_ids=pos) if sh.rotary is not None else None
+    for layer in sh.layers:
+        out = layer(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, position_embeddings=pos_emb)
+        h = out[0] if isinstance(out, tuple) else out
+    if sh.is_last:
+        return sh.head(sh.norm(h))[0].float()
+    return h

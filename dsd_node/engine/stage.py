@@ -55,10 +55,38 @@ class StageHandler:
         h = msg.hidden
         if h is None:
             raise BadRound(f"stage {sh.start}:{sh.end} needs hidden states, the round carries none")
-        if h.dtype != sh.dtype:
-            raise BadRound(f"hidden states are {h.dtype}, this stage runs {sh.dtype}")
+        # Hidden states of another float dtype are accepted and rounded to this stage's dtype on arrival
+        # (ShardRunner). Safe: they are activations, which every layer already rounds to the stage's dtype.
+        # A wider sender (float32 into a bf16 stage) is rounded once, exactly as this stage rounds its own
+        # activations; a narrower one (bf16 into float32) widens exactly. The result is the pipeline run at
+        # the lower of the two precisions at that boundary, no worse than a whole half-precision pipeline.
+        # The one loss that is not rounding, overflow into float16's narrow range (|x| > 65504), is refused.
+        if not h.is_floating_point():
+            raise BadRound(f"hidden states are {h.dtype}, this stage runs {sh.dtype} (a float dtype is needed)")
+        if sh.dtype == torch.float16 and h.dtype != torch.float16 and h.numel() and \
+                h.abs().amax().item() > torch.finfo(torch.float16).max:
+            raise BadRound(f"{h.dtype} hidden states exceed float16's range (this stage runs float16)")
         if tuple(h.shape) != (1, len(msg.tree), sh.hidden_size):
             raise BadRound(f"hidden states have shape {tuple(h.shape)}, expected {(1, len(msg.tree), sh.hidden_size)}")
+
+    def open_session(self, session_id: str) -> None:
+        """Hold a new session (SessionLimitError when this node is full)."""
+        self.runner.session(session_id)
+
+    def end_session(self, session_id: str) -> bool:
+        return self.runner.end_session(session_id)
+
+    def see_epoch(self, session_id: str, epoch: int) -> bool:
+        """Rule 1, in one place: note a round's epoch as soon as it arrives; True if the round is stale.
+
+        Called on arrival (so rounds of an older epoch still queued behind it become commit-only) and again
+        when the round is handled. A session this stage does not hold has nothing to make stale."""
+        sess = self.runner.sessions.get(session_id)
+        if sess is None:
+            return False
+        stale = epoch < sess.epoch
+        sess.epoch = max(sess.epoch, epoch)
+        return stale
 
     def handle(self, msg: RoundMsg, create: bool = True) -> RoundMsg | VerdictMsg | None:
         """Run one round. Returns the message for the next stage, the verdict (last stage), or None.
@@ -67,9 +95,8 @@ class StageHandler:
         self.check(msg)
         sh = self.runner.shard
         sess = self.runner.session(msg.session_id, create)
-        if msg.epoch < sess.epoch and msg.tree.tokens:
+        if self.see_epoch(msg.session_id, msg.epoch) and msg.tree.tokens:
             msg = replace(msg, tree=TokenTree([], []), hidden=None)  # keep base: those segments are still live
-        sess.epoch = max(sess.epoch, msg.epoch)
         try:
             self.runner.apply(msg.session_id, msg.commits, {rid for rid, _ in msg.base})
         except ValueError as e:

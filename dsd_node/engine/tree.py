@@ -28,10 +28,10 @@ class SparseDist:
         ids = torch.nonzero(p > 0).flatten()
         return SparseDist(ids.tolist(), p[ids].tolist())
 
-    def dense(self, vocab: int) -> torch.Tensor:
-        p = torch.zeros(vocab, dtype=torch.float32)
+    def dense(self, vocab: int, device: torch.device | str | None = None) -> torch.Tensor:
+        p = torch.zeros(vocab, dtype=torch.float32, device=device)
         if self.ids:
-            p[torch.tensor(self.ids)] = torch.tensor(self.probs, dtype=torch.float32)
+            p[torch.tensor(self.ids, device=device)] = torch.tensor(self.probs, dtype=torch.float32, device=device)
         return p
 
 
@@ -83,20 +83,28 @@ class TokenTree:
         return path[::-1]
 
 
-def tree_attention(parents: list[int], ctx_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def tree_attention(parents: list[int], ctx_len: int, dtype: torch.dtype,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float additive 4D mask [1, 1, n, ctx_len + n] and position ids [1, n] for a tree after a context.
 
     Every node sees the whole context and its own ancestors (itself included); positions are
-    ctx_len + depth. (A bool mask is silently wrong under eager attention: keep it float.)
+    ctx_len + depth. (A bool mask is silently wrong under eager attention: keep it float.) Both are
+    made on `device` (the KV cache's): only the n x n ancestor matrix of the tree is built on the host.
     """
     n = len(parents)
-    visible = torch.zeros(n, n, dtype=torch.bool)
-    depth = torch.zeros(n, dtype=torch.long)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            visible[i] = visible[p]
-            depth[i] = depth[p] + 1
-        visible[i, i] = True
-    mask = torch.zeros(1, 1, n, ctx_len + n, dtype=dtype)
+    mask = torch.zeros(1, 1, n, ctx_len + n, dtype=dtype, device=device)
+    if all(p == i - 1 for i, p in enumerate(parents)):  # a chain (a prompt, a plain round): causal
+        visible = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+        depth = torch.arange(n, device=device)
+    else:
+        anc = torch.zeros(n, n, dtype=torch.bool)
+        d = [0] * n
+        for i, p in enumerate(parents):
+            if p >= 0:
+                anc[i] = anc[p]
+                d[i] = d[p] + 1
+            anc[i, i] = True
+        visible = anc.to(device)
+        depth = torch.tensor(d, dtype=torch.long, device=device)
     mask[0, 0, :, ctx_len:].masked_fill_(~visible, torch.finfo(dtype).min)
     return mask, (ctx_len + depth).unsqueeze(0)

@@ -15,6 +15,10 @@ target's logits. The first round of a session instead starts with given prompt t
 - ADAPTIVE (lossy, opt-in): greedy, but a draft token also passes when it is low-importance
   (whitespace, delimiters, function words) and p_top - p_draft <= adaptive_margin, or for any
   token when p_top - p_draft <= adaptive_tie_margin (near-ties, as in MARS).
+
+The logits stay on the shard's device: greedy verification brings back one argmax id per node;
+sampling draws with a generator on that device (seeded with the session's seed), so only token ids
+and accept/reject decisions reach Python.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from enum import IntEnum
 
 import torch
 
+from dsd_node.engine.device import make_generator
 from dsd_node.engine.tree import TokenTree
 
 FUNCTION_WORDS = frozenset(
@@ -102,12 +107,22 @@ class VerifierSession:
     next_token: int | None = None
     pending: dict[int, list[int]] = field(default_factory=dict)  # verified, uncommitted round -> accepted path
     rng: torch.Generator = field(default_factory=torch.Generator)
+    _placed: bool = field(default=False, repr=False)  # rng moved to the logits' device (once)
 
     def __post_init__(self) -> None:
         self.rng.manual_seed(self.params.seed)
 
     def commit(self, round_id: int) -> None:
         self.pending.pop(round_id, None)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The session's generator: on the logits' device from the first sampled round on (seeded the same),
+        or the CPU's where that device has none."""
+        if not self._placed:
+            self._placed = True
+            if device.type != "cpu":
+                self.rng = make_generator(device, self.params.seed)
+        return self.rng
 
     def builds_on_accepted(self, base: list[tuple[int, list[int]]]) -> bool:
         """A round is valid only if its base is exactly the verified, uncommitted rounds with their accepted paths."""
@@ -126,8 +141,12 @@ class VerifierSession:
                 return VerifyResult(stale=True)
             path, cur = [match[0]], match[0]
         tokens: list[int] = []
+        # greedy and adaptive: every node's argmax in one transfer; sampling works on the device
+        tops = logits.argmax(-1).tolist() if self.params.rule != Rule.SAMPLE else None
+        rng = self._generator(logits.device) if tops is None else None
         while True:
-            child, nxt = self._step(tree, kids.get(cur, []), logits[cur], low_importance)
+            child, nxt = self._step(tree, kids.get(cur, []), logits[cur], low_importance,
+                                    tops[cur] if tops is not None else None, rng)
             if child is None:
                 tokens.append(nxt)
                 break
@@ -139,23 +158,26 @@ class VerifierSession:
         return VerifyResult(stale=False, accepted=path, tokens=tokens)
 
     def _step(self, tree: TokenTree, children: list[int], logits: torch.Tensor,
-              low_importance: torch.Tensor | None) -> tuple[int | None, int]:
-        """Pick the accepted child of one node, or (None, next token)."""
+              low_importance: torch.Tensor | None, top: int | None = None,
+              rng: torch.Generator | None = None) -> tuple[int | None, int]:
+        """Pick the accepted child of one node, or (None, next token). `top`: the node's argmax, if known."""
         prm = self.params
         if prm.rule == Rule.SAMPLE:
-            p = target_probs(logits, prm)
+            rng = rng or self.rng
+            p = target_probs(logits.to(rng.device), prm)
             for c in children:
-                q = tree.draft_dists[c].dense(p.numel()) if tree.draft_dists and tree.draft_dists[c] else None
+                q = tree.draft_dists[c].dense(p.numel(), p.device) if tree.draft_dists and tree.draft_dists[c] else None
                 x = tree.tokens[c]
                 if q is None or q[x] <= 0:
                     continue
-                if torch.rand((), generator=self.rng).item() < min(1.0, (p[x] / q[x]).item()):
+                if torch.rand((), generator=rng, device=rng.device).item() < min(1.0, (p[x] / q[x]).item()):
                     return c, x
                 residual = torch.clamp(p - q, min=0.0)
                 if residual.sum() > 0:
                     p = residual / residual.sum()
-            return None, int(torch.multinomial(p, 1, generator=self.rng).item())
-        top = int(torch.argmax(logits).item())
+            return None, int(torch.multinomial(p, 1, generator=rng).item())
+        if top is None:
+            top = int(torch.argmax(logits).item())
         for c in children:
             if tree.tokens[c] == top:
                 return c, top

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from dsd_node.engine.head import GenerationConfig
-from dsd_node.net.pipeline_client import GRPC_OPTIONS
-from dsd_node.net.wire import sampling_to_pb
-from dsd_node.proto import dsd_pb2 as pb
+from dsd_node.engine.config import GenerationConfig, Stats
+from dsd_node.net.grpc_util import GRPC_OPTIONS
+from dsd_node.net.wire import generate_request_to_pb, stats_from_pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
 
@@ -33,18 +32,10 @@ class Chunk:
 class ClientResult:
     text: str = ""
     tokens: list[int] = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
+    stats: Stats | None = None  # the gateway's, once the generation has finished
 
     def as_dict(self) -> dict:
-        return {"text": self.text, "tokens": self.tokens, "stats": self.stats}
-
-
-def stats_dict(s: pb.Stats) -> dict:
-    return {"mode": s.mode, "rounds": s.rounds, "rounds_wasted": s.rounds_wasted,
-            "accepted_per_round": list(s.accepted_per_round), "inflight": list(s.inflight),
-            "new_tokens": s.new_tokens, "tokens_per_s": round(s.tokens_per_s, 2),
-            "ms_per_token": round(s.ms_per_token, 3), "draft_ms": round(s.draft_ms, 2), "wall_ms": round(s.wall_ms, 2),
-            "failovers": s.failovers}
+        return {"text": self.text, "tokens": self.tokens, "stats": self.stats.as_dict() if self.stats else {}}
 
 
 class DsdClient:
@@ -65,27 +56,16 @@ class DsdClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    def _request(self, prompt: str | list[int], cfg: GenerationConfig) -> pb.GenerateRequest:
-        cfg.validate()
-        req = pb.GenerateRequest(mode=cfg.mode, max_new_tokens=cfg.max_new_tokens, draft_k=cfg.draft_k,
-                                 sampling=sampling_to_pb(cfg.sampling), max_inflight=cfg.max_inflight,
-                                 ignore_eos=cfg.ignore_eos, branch=cfg.branch, branch_depth=cfg.branch_depth,
-                                 max_nodes=cfg.max_nodes)
-        if isinstance(prompt, str):
-            req.prompt = prompt
-        else:
-            req.prompt_tokens.extend(prompt)
-        return req
-
     async def stream(self, prompt: str | list[int], cfg: GenerationConfig, result: ClientResult | None = None
                      ) -> AsyncIterator[Chunk]:
         """Yield text as it is committed; fills `result` (text, tokens, stats) on the way."""
         result = result if result is not None else ClientResult()
-        call = self.stub.Generate(self._request(prompt, cfg), timeout=self.timeout_s, wait_for_ready=False)
+        cfg.validate()
+        call = self.stub.Generate(generate_request_to_pb(prompt, cfg), timeout=self.timeout_s, wait_for_ready=False)
         try:
             async for ev in call:
                 if ev.HasField("stats"):
-                    result.stats = stats_dict(ev.stats)
+                    result.stats = stats_from_pb(ev.stats)
                     continue
                 result.tokens.extend(ev.tokens)
                 result.text += ev.text

@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import grpc
 
+from dsd_node.engine.config import ErrorCode, GenerationError
 from dsd_node.engine.drafter import Draft, DraftRequest
-from dsd_node.engine.head import GenerationError
 from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
-from dsd_node.net.wire import round_to_pb, sampling_to_pb, tree_from_pb
+from dsd_node.net.grpc_util import error_code, rpc_error_text
+from dsd_node.net.wire import draft_from_pb, draft_request_to_pb, round_to_pb
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
-
-GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
-                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
-
-
-def rpc_error_text(e: grpc.aio.AioRpcError) -> str:
-    return f"{e.code().name}: {e.details()}"
 
 
 class StreamLink:
@@ -48,7 +43,7 @@ class StreamLink:
     async def write(self, msg: pb.Round) -> None:
         if self.failed.done():
             code, details = self.failed.result()
-            raise GenerationError(f"stage at {self.address} failed: {code.name}: {details}")
+            raise GenerationError(f"stage at {self.address} failed: {code.name}: {details}", error_code(code))
         try:
             await self.call.write(msg)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
@@ -88,8 +83,9 @@ class GrpcPipeline:
         get.cancel()
         if self.link.failed in done:
             code, details = self.link.failed.result()
-            raise GenerationError(f"pipeline failed: {code.name}: {details}")
-        raise GenerationError(f"no verdict within {self.round_timeout_s:.0f} s: a stage is stuck or unreachable")
+            raise GenerationError(f"pipeline failed: {code.name}: {details}", error_code(code))
+        raise GenerationError(f"no verdict within {self.round_timeout_s:.0f} s: a stage is stuck or unreachable",
+                              ErrorCode.DEADLINE_EXCEEDED)
 
     async def close(self, cancel: bool = False) -> None:
         await self.link.close(cancel)
@@ -105,12 +101,10 @@ class RemoteDraftSource:
     async def draft(self, session_id: str, req: DraftRequest) -> Draft:
         t0 = time.perf_counter()
         try:
-            r = await self.stub.Draft(pb.DraftRequest(
-                session_id=session_id, context=req.context, depth=req.depth, branch=req.branch,
-                branch_depth=req.branch_depth, sampling=sampling_to_pb(req.sampling), max_nodes=req.max_nodes), timeout=60)
+            r = await self.stub.Draft(draft_request_to_pb(session_id, req), timeout=60)
         except grpc.aio.AioRpcError as e:
-            raise GenerationError(f"drafter at {self.address} failed: {rpc_error_text(e)}") from e
-        return Draft(tree_from_pb(r.tree), list(r.main_path), (time.perf_counter() - t0) * 1e3)
+            raise GenerationError(f"drafter at {self.address} failed: {rpc_error_text(e)}", error_code(e.code())) from e
+        return replace(draft_from_pb(r), draft_ms=(time.perf_counter() - t0) * 1e3)
 
     async def end_session(self, session_id: str) -> None:
         try:

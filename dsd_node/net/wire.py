@@ -1,11 +1,19 @@
-"""Conversions between the Python messages and the protobuf wire types, with validation of tensor bytes."""
+"""Every conversion between Python types and the protobuf wire types, in one place, with validation.
+
+Rounds, verdicts, tensors (bytes checked against dtype and shape), sampling settings, generation
+configs, draft requests and replies, stats and node info. Dataclasses whose fields mirror a message
+one to one (TreeShape, Stats) are converted field by field, so a new field needs no code here.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from dsd_node.engine.config import GenerationConfig, Stats, TreeShape
+from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
 from dsd_node.engine.tree import SparseDist, TokenTree
 from dsd_node.engine.verify import Rule, SamplingParams
@@ -20,7 +28,13 @@ class WireError(ValueError):
 
 
 def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
-    t = t.detach().contiguous()
+    """A tensor's raw bytes (native little-endian layout, 2 bytes per bf16/fp16 value), from any device.
+
+    This is where hidden states leave their device: one copy to host memory, only to be serialized.
+    bfloat16 has no numpy dtype, so its bytes are read through a uint8 view (bit-exact)."""
+    if t.dtype not in DTYPE_NAMES:
+        raise WireError(f"cannot send a {t.dtype} tensor (wire dtypes: {', '.join(WIRE_DTYPES)})")
+    t = t.detach().to("cpu").contiguous()
     data = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
     return pb.Tensor(data=data, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape))
 
@@ -70,9 +84,7 @@ def round_to_pb(r: RoundMsg) -> pb.Round:
         commits=[pb.Commit(round_id=rid, keep=keep) for rid, keep in r.commits],
         base=[pb.BaseRef(round_id=rid, path=path) for rid, path in r.base],
         tree=tree_to_pb(r.tree), hidden=tensor_to_pb(r.hidden) if r.hidden is not None else None,
-        sampling=sampling_to_pb(r.sampling), route=[pb.Hop(address=h.address, layer_start=h.layer_start,
-                                                         layer_end=h.layer_end) for h in r.route],
-        hop=r.hop, reply_to=r.reply_to)
+        sampling=sampling_to_pb(r.sampling), route=[hop_to_pb(h) for h in r.route], hop=r.hop, reply_to=r.reply_to)
 
 
 def round_from_pb(m: pb.Round) -> RoundMsg:
@@ -82,7 +94,7 @@ def round_from_pb(m: pb.Round) -> RoundMsg:
         base=[(b.round_id, list(b.path)) for b in m.base],
         tree=tree_from_pb(m.tree), sampling=sampling_from_pb(m.sampling),
         hidden=tensor_from_pb(m.hidden) if m.HasField("hidden") else None,
-        route=[Hop(h.address, h.layer_start, h.layer_end) for h in m.route], hop=m.hop, reply_to=m.reply_to)
+        route=[hop_from_pb(h) for h in m.route], hop=m.hop, reply_to=m.reply_to)
 
 
 def verdict_to_pb(v: VerdictMsg) -> pb.Verdict:
@@ -92,3 +104,105 @@ def verdict_to_pb(v: VerdictMsg) -> pb.Verdict:
 
 def verdict_from_pb(m: pb.Verdict) -> VerdictMsg:
     return VerdictMsg(m.session_id, m.round_id, m.epoch, m.stale, list(m.accepted), list(m.tokens), m.verify_ms)
+
+
+def hop_to_pb(h: Hop) -> pb.Hop:
+    return pb.Hop(address=h.address, layer_start=h.layer_start, layer_end=h.layer_end)
+
+
+def hop_from_pb(m: pb.Hop) -> Hop:
+    return Hop(m.address, m.layer_start, m.layer_end)
+
+
+def tree_shape_to_pb(s: TreeShape) -> pb.TreeShape:
+    return pb.TreeShape(**{f.name: getattr(s, f.name) for f in fields(TreeShape)})
+
+
+def tree_shape_from_pb(m: pb.TreeShape) -> TreeShape:
+    return TreeShape(**{f.name: getattr(m, f.name) for f in fields(TreeShape)})
+
+
+def generate_request_to_pb(prompt: str | list[int], cfg: GenerationConfig) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(mode=cfg.mode, max_new_tokens=cfg.max_new_tokens, draft_k=cfg.draft_k,
+                             sampling=sampling_to_pb(cfg.sampling), max_inflight=cfg.max_inflight,
+                             ignore_eos=cfg.ignore_eos, tree=tree_shape_to_pb(cfg.tree))
+    if isinstance(prompt, str):
+        req.prompt = prompt
+    else:
+        req.prompt_tokens.extend(prompt)
+    return req
+
+
+def generation_config_from_pb(m: pb.GenerateRequest, default_max_inflight: int = 0) -> GenerationConfig:
+    """The request's settings; unset numbers take the defaults. ValueError (WireError) for what cannot be valid."""
+    s = sampling_from_pb(m.sampling)  # then the same checks as a local config's (temperature, top_p, rule)
+    s = SamplingParams.create(s.temperature if s.rule == Rule.SAMPLE else 0.0, s.top_p, s.seed, s.rule == Rule.ADAPTIVE,
+                              s.adaptive_margin, s.adaptive_tie_margin)
+    cfg = GenerationConfig(mode=m.mode or "si", max_new_tokens=m.max_new_tokens or 64, draft_k=m.draft_k or 4,
+                           tree=tree_shape_from_pb(m.tree) if m.HasField("tree") else TreeShape(),
+                           max_inflight=m.max_inflight or default_max_inflight, sampling=s, ignore_eos=m.ignore_eos)
+    cfg.validate()
+    return cfg
+
+
+def draft_request_to_pb(session_id: str, req: DraftRequest) -> pb.DraftRequest:
+    return pb.DraftRequest(session_id=session_id, context=req.context, depth=req.depth,
+                           tree=tree_shape_to_pb(req.tree), sampling=sampling_to_pb(req.sampling))
+
+
+def draft_request_from_pb(m: pb.DraftRequest, vocab_size: int) -> DraftRequest:
+    if not m.context:
+        raise WireError("draft request with an empty context")
+    if not 1 <= m.depth <= 64:
+        raise WireError("draft depth must be between 1 and 64")
+    if any(not 0 <= t < vocab_size for t in m.context):
+        raise WireError("context token outside the vocabulary")
+    return DraftRequest(list(m.context), m.depth, tree_shape_from_pb(m.tree), sampling_from_pb(m.sampling))
+
+
+def draft_to_pb(d: Draft) -> pb.DraftReply:
+    return pb.DraftReply(tree=tree_to_pb(d.tree), main_path=d.main_path, draft_ms=d.draft_ms)
+
+
+def draft_from_pb(m: pb.DraftReply) -> Draft:
+    return Draft(tree_from_pb(m.tree), list(m.main_path), m.draft_ms)
+
+
+def stats_to_pb(s: Stats) -> pb.Stats:
+    return pb.Stats(**{f.name: getattr(s, f.name) for f in fields(Stats)}, tokens_per_s=s.tokens_per_s,
+                    ms_per_token=s.ms_per_token)
+
+
+def stats_from_pb(m: pb.Stats) -> Stats:
+    return Stats(**{f.name: (list(v) if f.name in ("accepted_per_round", "inflight") else v)
+                    for f in fields(Stats) for v in [getattr(m, f.name)]})
+
+
+@dataclass
+class NodeInfo:
+    """What a node says about itself (the Info call): roles, model, layers, load, and a head's route."""
+
+    role: str
+    model: str = ""
+    model_hash: str = ""
+    layer_start: int = 0
+    layer_end: int = 0
+    num_layers: int = 0
+    version: str = ""
+    sessions: int = 0
+    max_sessions: int = 0
+    peer_id: str = ""
+    address: str = ""
+    tokens_per_s: float = 0.0
+    dtype: str = ""
+    route: list[Hop] = field(default_factory=list)
+
+
+def node_info_to_pb(i: NodeInfo) -> pb.NodeInfo:
+    return pb.NodeInfo(**{f.name: getattr(i, f.name) for f in fields(NodeInfo) if f.name != "route"},
+                       route=[hop_to_pb(h) for h in i.route])
+
+
+def node_info_from_pb(m: pb.NodeInfo) -> NodeInfo:
+    return NodeInfo(**{f.name: getattr(m, f.name) for f in fields(NodeInfo) if f.name != "route"},
+                    route=[hop_from_pb(h) for h in m.route])

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsd_node.engine.models import model_num_layers, split_layers
-from dsd_node.net.node_server import wait_healthy
+from dsd_node.net.grpc_util import wait_healthy
+from dsd_node.p2p.identity import load_or_create_identity
+from netem.link_emulator import emulator_requested
 
 
 def free_port() -> int:
@@ -65,7 +67,6 @@ def plan_discovery(stages: int, replicas: int = 1, model: str = "embedded:target
                    announce_ttl: float = 30.0) -> list[NodeSpec]:
     """A bootstrap peer, `replicas` copies of each of N shards and a drafter announcing themselves, and a head
     that finds its route through libp2p discovery (nobody is wired by address)."""
-    from dsd_node.p2p.identity import load_or_create_identity
 
     key_dir = Path(key_dir or tempfile.mkdtemp(prefix="dsd-keys-"))
     boot_port = free_port()
@@ -132,7 +133,9 @@ class Testnet:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{spec.name}.log", "w")  # noqa: SIM115 (owned by the child)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
-        p = subprocess.Popen([sys.executable, "-m", "dsd_node.node_cli", *spec.args], stdout=log,
+        # a node whose links are emulated runs behind the userspace link emulator (the daemon knows nothing of it)
+        module = "netem.emulated_node" if emulator_requested(env) else "dsd_node.node_cli"
+        p = subprocess.Popen([sys.executable, "-m", module, *spec.args], stdout=log,
                              stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs[spec.name] = p
         return p

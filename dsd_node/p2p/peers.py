@@ -16,7 +16,7 @@ import grpc
 
 from dsd_node import __version__
 from dsd_node.engine.messages import Hop
-from dsd_node.net.node_server import Channels, query_info
+from dsd_node.net.grpc_util import Channels, query_info
 from dsd_node.p2p.discovery import Discovery, parse_listen_multiaddr
 from dsd_node.p2p.identity import load_or_create_identity
 from dsd_node.p2p.records import NodeRecord
@@ -39,11 +39,13 @@ async def start_discovery(identity_path: str | None, role: str, listen_p2p: str 
 
 
 def make_record(peer_id: str, role: str, model_id: str, model_hash: str, start: int, end: int, num_layers: int,
-                address: str, tokens_per_s: float, sessions: int, max_sessions: int, ttl_s: float) -> NodeRecord:
+                address: str, tokens_per_s: float, sessions: int, max_sessions: int, ttl_s: float, *,
+                device: str = "", dtype: str = "", mem_free_mb: int = 0) -> NodeRecord:
+    """device / dtype: where and in what the shard computes; mem_free_mb: memory measured free at start-up."""
     return NodeRecord(peer_id=peer_id, role=role, model_id=model_id, model_hash=model_hash, layer_start=start,
                       layer_end=end, num_layers=num_layers, grpc_address=address, version=__version__,
                       tokens_per_s=tokens_per_s, sessions=sessions, max_sessions=max_sessions,
-                      expires_at=time.time() + ttl_s)
+                      expires_at=time.time() + ttl_s, device=device, dtype=dtype, mem_free_mb=int(mem_free_mb))
 
 
 async def probe_rtt(channels: Channels, address: str, timeout: float = 2.0) -> float | None:

@@ -1,7 +1,8 @@
 """Signed node records: what a node announces about itself on the discovery network.
 
 Wire format (msgpack map): ``{"v": 1, "payload": bytes, "pk": bytes, "sig": bytes}`` where
-``payload`` is a msgpack map of the :class:`NodeRecord` fields plus ``signed_at``, ``pk`` is the
+``payload`` is a msgpack map of the :class:`NodeRecord` fields plus ``signed_at`` (fields with a
+default, added after version 1 shipped, may be absent and take their default), ``pk`` is the
 signer's libp2p-serialized public key and ``sig`` signs ``DOMAIN + payload``. The exact payload
 bytes are signed and verified, so no re-canonicalization is needed on the reading side.
 """
@@ -44,11 +45,20 @@ class NodeRecord:
     sessions: int
     max_sessions: int
     expires_at: float
+    # Added later, so optional on the wire: a record from a node that predates them decodes with these
+    # defaults, and an older reader ignores them (it checks only the fields it knows).
+    device: str = ""  # e.g. "cuda:0", "cpu" ("" = not announced)
+    dtype: str = ""  # compute dtype, e.g. "bfloat16"
+    mem_free_mb: int = 0  # memory the node measured free for its shard at start-up (0 = not announced)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     f.name: {"str": (str,), "int": (int,), "float": (float, int)}[f.type]  # type: ignore[index]
     for f in dataclasses.fields(NodeRecord)
+}
+# Fields a record may omit, with the value a missing one takes.
+_OPTIONAL_FIELDS: dict[str, object] = {
+    f.name: f.default for f in dataclasses.fields(NodeRecord) if f.default is not dataclasses.MISSING
 }
 
 
@@ -57,6 +67,9 @@ def _check_fields(fields: dict[str, object]) -> NodeRecord:
     values: dict[str, object] = {}
     for name, types in _FIELD_TYPES.items():
         if name not in fields:
+            if name in _OPTIONAL_FIELDS:
+                values[name] = _OPTIONAL_FIELDS[name]
+                continue
             raise RecordError(f"record is missing field {name!r}")
         v = fields[name]
         if isinstance(v, bool) or not isinstance(v, types):
@@ -71,6 +84,8 @@ def _check_fields(fields: dict[str, object]) -> NodeRecord:
         )
     if rec.sessions < 0 or rec.max_sessions < 0:
         raise RecordError("record session counts must be non-negative")
+    if rec.mem_free_mb < 0:
+        raise RecordError("record mem_free_mb must be non-negative")
     if not (math.isfinite(rec.tokens_per_s) and rec.tokens_per_s >= 0 and math.isfinite(rec.expires_at)):
         raise RecordError("record tokens_per_s / expires_at must be finite and non-negative")
     return rec

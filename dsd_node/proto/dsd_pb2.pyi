@@ -77,6 +77,16 @@ class Sampling(_message.Message):
     adaptive_tie_margin: float
     def __init__(self, rule: _Optional[_Union[Sampling.Rule, str]] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., adaptive_margin: _Optional[float] = ..., adaptive_tie_margin: _Optional[float] = ...) -> None: ...
 
+class TreeShape(_message.Message):
+    __slots__ = ("branch", "branch_depth", "max_nodes")
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
+    branch: int
+    branch_depth: int
+    max_nodes: int
+    def __init__(self, branch: _Optional[int] = ..., branch_depth: _Optional[int] = ..., max_nodes: _Optional[int] = ...) -> None: ...
+
 class Hop(_message.Message):
     __slots__ = ("address", "layer_start", "layer_end")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -152,24 +162,18 @@ class EndSessionReply(_message.Message):
     def __init__(self) -> None: ...
 
 class DraftRequest(_message.Message):
-    __slots__ = ("session_id", "context", "depth", "branch", "branch_depth", "roots", "sampling", "max_nodes")
+    __slots__ = ("session_id", "context", "depth", "tree", "sampling")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
-    BRANCH_FIELD_NUMBER: _ClassVar[int]
-    BRANCH_DEPTH_FIELD_NUMBER: _ClassVar[int]
-    ROOTS_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     context: _containers.RepeatedScalarFieldContainer[int]
     depth: int
-    branch: int
-    branch_depth: int
-    roots: int
+    tree: TreeShape
     sampling: Sampling
-    max_nodes: int
-    def __init__(self, session_id: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., depth: _Optional[int] = ..., branch: _Optional[int] = ..., branch_depth: _Optional[int] = ..., roots: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_nodes: _Optional[int] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., depth: _Optional[int] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class DraftReply(_message.Message):
     __slots__ = ("tree", "main_path", "draft_ms")
@@ -186,7 +190,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("role", "model", "model_hash", "layer_start", "layer_end", "num_layers", "version", "sessions", "max_sessions", "peer_id", "address", "tokens_per_s", "dtype")
+    __slots__ = ("role", "model", "model_hash", "layer_start", "layer_end", "num_layers", "version", "sessions", "max_sessions", "peer_id", "address", "tokens_per_s", "dtype", "route")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +204,7 @@ class NodeInfo(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     model_hash: str
@@ -213,10 +218,11 @@ class NodeInfo(_message.Message):
     address: str
     tokens_per_s: float
     dtype: str
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., dtype: _Optional[str] = ...) -> None: ...
+    route: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., dtype: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_tokens", "mode", "max_new_tokens", "draft_k", "sampling", "max_inflight", "ignore_eos", "branch", "branch_depth", "max_nodes")
+    __slots__ = ("prompt", "prompt_tokens", "mode", "max_new_tokens", "draft_k", "sampling", "max_inflight", "ignore_eos", "tree")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -225,9 +231,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
-    BRANCH_FIELD_NUMBER: _ClassVar[int]
-    BRANCH_DEPTH_FIELD_NUMBER: _ClassVar[int]
-    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
     mode: str
@@ -236,10 +240,8 @@ class GenerateRequest(_message.Message):
     sampling: Sampling
     max_inflight: int
     ignore_eos: bool
-    branch: int
-    branch_depth: int
-    max_nodes: int
-    def __init__(self, prompt: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., draft_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_inflight: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., branch: _Optional[int] = ..., branch_depth: _Optional[int] = ..., max_nodes: _Optional[int] = ...) -> None: ...
+    tree: TreeShape
+    def __init__(self, prompt: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., draft_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_inflight: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("rounds", "rounds_wasted", "accepted_per_round", "tokens_per_s", "ms_per_token", "new_tokens", "inflight", "mode", "draft_ms", "wall_ms", "failovers")

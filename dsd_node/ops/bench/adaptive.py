@@ -1,6 +1,6 @@
 """What adaptive (lossy) verification costs and buys: agreement with greedy output against tokens per round.
 
-    python -m dsd_node.ops.adaptive_bench [--prompts 8] [--max-new-tokens 64] [--out results/adaptive.json]
+    python -m dsd_node.ops.bench.adaptive [--prompts 8] [--max-new-tokens 64] [--out results/adaptive.json]
 
 For each setting of (adaptive_margin, adaptive_tie_margin), generates from the same prompts with the
 in-process engine and reports: tokens per round (tau), the share of generated tokens equal to the
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsd_node.engine.head import GenerationConfig
+from dsd_node.engine.config import GenerationConfig
 from dsd_node.engine.local import LocalEngine
 from dsd_node.engine.verify import SamplingParams
 
@@ -62,7 +62,7 @@ def run(prompts: int, max_new: int, draft_k: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m dsd_node.ops.adaptive_bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m dsd_node.ops.bench.adaptive", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--max-new-tokens", type=int, default=64)

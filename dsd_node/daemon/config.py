@@ -1,0 +1,116 @@
+"""A node's configuration as one typed object: flags, then DSD_* environment variables, then a YAML file, then defaults.
+
+Every field is named like its flag (`max_sessions` <- `--max-sessions`, `DSD_MAX_SESSIONS`, `max_sessions:` or
+`max-sessions:` in YAML). Values from the environment and the file are converted to the field's type; a value
+that does not convert, an unknown key or an unknown role is a ConfigError (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLES = ("stage", "drafter", "head", "bootstrap")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with a message naming where the bad value came from."""
+
+
+@dataclass
+class NodeConfig:
+    role: str = "stage"  # comma-separated roles
+    model: str = "embedded:target"
+    layers: str | None = None  # A:B; None: every layer
+    listen: str = "127.0.0.1:0"
+    advertise: str | None = None
+    drafter: str | None = None
+    drafter_addr: str | None = None
+    route: str | None = None  # comma-separated stage addresses ("self": this node's own stage)
+    dtype: str = "float32"
+    threads: int = 0  # 0: torch's default
+    max_sessions: int = 64
+    session_ttl: float = 300.0
+    max_message_mb: int = 64
+    max_inflight: int = 0
+    max_kv_mb: int = 0
+    round_timeout: float = 60.0
+    identity: str | None = None
+    bootstrap: list[str] = field(default_factory=list)
+    listen_p2p: str | None = None
+    log_level: str = "info"
+    announce_ttl: float = 30.0
+    route_wait: float = 3600.0
+
+    @property
+    def roles(self) -> list[str]:
+        return [r.strip() for r in self.role.split(",") if r.strip()]
+
+    @property
+    def route_addresses(self) -> list[str]:
+        return [a.strip() for a in (self.route or "").split(",") if a.strip()]
+
+    def validate(self) -> None:
+        bad = [r for r in self.roles if r not in ROLES]
+        if bad or not self.roles:
+            raise ConfigError(f"unknown role {','.join(bad) or '(none)'}; choose from {', '.join(ROLES)}")
+        for name in ("threads", "max_sessions", "max_message_mb", "max_inflight", "max_kv_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} cannot be negative")
+        if self.max_sessions < 1 or self.max_message_mb < 1:
+            raise ConfigError("max_sessions and max_message_mb must be at least 1")
+        if ":" not in self.listen:
+            raise ConfigError(f"listen address {self.listen!r} is not HOST:PORT")
+
+    @classmethod
+    def resolve(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                config_file: str | None = None) -> NodeConfig:
+        """Flags (None: not given), then DSD_<NAME> variables, then the YAML file, then the defaults."""
+        environ = os.environ if environ is None else environ
+        file_values = _read_yaml(config_file) if config_file else {}
+        values = {}
+        for f in fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            for source, raw in ((f"--{f.name.replace('_', '-')}", flags.get(f.name)),
+                                (f"DSD_{f.name.upper()}", environ.get(f"DSD_{f.name.upper()}")),
+                                (f"{config_file}: {f.name}", file_values.get(f.name))):
+                if raw is not None:
+                    values[f.name] = _convert(raw, default, source)
+                    break
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} is not a mapping of keys to values")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = set(data) - {f.name for f in fields(NodeConfig)}
+    if unknown:
+        raise ConfigError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+    return data
+
+
+def _convert(raw: Any, default: Any, source: str) -> Any:
+    """`raw` (a string from the environment, or a YAML value) as the type of the field's default."""
+    try:
+        if isinstance(default, list):
+            return [s.strip() for s in raw.split(",") if s.strip()] if isinstance(raw, str) else [str(s) for s in raw]
+        if isinstance(default, bool):
+            return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
+        if isinstance(default, (int, float)):
+            return type(default)(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        kind = "a number" if isinstance(default, (int, float)) else "a list"
+        raise ConfigError(f"{source}: expected {kind}, got {raw!r}") from None

@@ -1,0 +1,76 @@
+"""gRPC plumbing shared by every service and client: channel options, the channel pool, the server
+factory, the health wait and the Info call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dsd_node.engine.config import ErrorCode
+from dsd_node.net.wire import NodeInfo, node_info_from_pb
+from dsd_node.proto import dsd_pb2 as pb
+from dsd_node.proto import dsd_pb2_grpc as rpc
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+
+
+def rpc_error_text(e: grpc.aio.AioRpcError) -> str:
+    return f"{e.code().name}: {e.details()}"
+
+
+def error_code(status: grpc.StatusCode) -> ErrorCode:
+    """The engine's code for a gRPC status (anything unexpected counts as the peer being unavailable)."""
+    return ErrorCode.__members__.get(status.name, ErrorCode.UNAVAILABLE)
+
+
+class Channels:
+    """One gRPC channel per peer address, shared by all sessions."""
+
+    def __init__(self):
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return self._channels[address]
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+
+def make_server(max_message_mb: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    opts = [("grpc.max_receive_message_length", max_message_mb << 20), ("grpc.max_send_message_length", 256 << 20),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+    server = grpc.aio.server(options=opts)
+    hs = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    return server, hs
+
+
+async def query_info(channel: grpc.aio.Channel, timeout: float = 5.0) -> NodeInfo:
+    return node_info_from_pb(await rpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=timeout))
+
+
+async def wait_healthy(address: str, timeout: float = 60.0) -> None:
+    """Wait until the node at `address` reports SERVING on the standard health service."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError as e:
+                last = rpc_error_text(e)
+            else:
+                last = "not serving yet"
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node at {address} not healthy after {timeout:.0f} s ({last})")
+            await asyncio.sleep(0.2)

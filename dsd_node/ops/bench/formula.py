@@ -1,0 +1,135 @@
+"""The theory `dsd bench` checks: tokens per round tau, the link latency per token, the predicted savings
+L*t1*(1 - 1/tau), and the check of each measured cell against them (see the package docstring, docs/bench.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # plan.py imports TOLERANCE from here; the cells are only read, never built
+    from dsd_node.ops.bench.plan import Cell
+
+TOLERANCE = 0.10
+MIN_CHECKED_T1_MS = 10.0  # cells below this are reported but not judged (the savings are within the noise)
+
+
+def tau_from_accepted(accepted_per_round: Sequence[int]) -> float:
+    """Tokens committed per round: the mean of the verdicts' committed-token counts (0 for no rounds)."""
+    return sum(accepted_per_round) / len(accepted_per_round) if accepted_per_round else 0.0
+
+
+def oracle_tau(k: int) -> float:
+    """Tokens per round of a drafter that is always right: k accepted drafts plus the target's own next token."""
+    return float(k + 1)
+
+
+def link_ms_per_token(links: int, t1_ms: float, tau: float) -> float:
+    """Link latency per generated token: one round crosses `links` links of t1 each and commits tau tokens."""
+    return links * t1_ms / tau if tau > 0 else 0.0
+
+
+def predicted_savings(links: int, t1_ms: float, tau: float) -> float:
+    """Link latency saved per token by committing tau tokens per round instead of one: L*t1*(1 - 1/tau)."""
+    return links * t1_ms * (1.0 - 1.0 / tau) if tau > 0 else 0.0
+
+
+def relative_error(measured: float | None, predicted: float | None) -> float | None:
+    """|measured - predicted| / predicted, or None where there is nothing to compare (no prediction or it is 0)."""
+    if measured is None or predicted is None or predicted <= 0:
+        return None
+    return abs(measured - predicted) / predicted
+
+
+def serialization_ms_per_token(bytes_per_token: float, rate_bps: float | None) -> float:
+    """Time on the wire per token at a link rate (0 for unlimited links)."""
+    return bytes_per_token * 8.0 / rate_bps * 1e3 if rate_bps else 0.0
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-token figures of measured cells and the check against the prediction
+
+
+def _medians(cell: Cell) -> None:
+    """ms/token (median over prompts), tokens/s, tau (mean over prompts) and wasted rounds from the runs."""
+    ms = [r["wall_ms"] / r["new_tokens"] for r in cell.runs if r["new_tokens"]]
+    if not ms:
+        return
+    cell.ms_per_token = statistics.median(ms)
+    cell.tokens_per_s = 1e3 / cell.ms_per_token
+    cell.tau = statistics.mean(tau_from_accepted(r["accepted_per_round"]) for r in cell.runs)
+    cell.rounds_wasted = statistics.mean(r["rounds_wasted"] for r in cell.runs)
+    slow = [r["slowdown"] for r in cell.runs if r.get("slowdown") is not None]
+    cell.slowdown_max = max(slow) if slow else None
+
+
+def summarize(cell: Cell, hidden_size: int, prompt_len: float, rate_bps: float | None) -> None:
+    """Fill a cell's per-token figures from its runs: medians, then the link / compute / serialization split."""
+    _medians(cell)
+    if cell.ms_per_token is None or cell.tau is None:
+        return
+    cell.link_ms_per_token = link_ms_per_token(cell.links, cell.t1_ms, cell.tau)
+    cell.compute_ms_per_token = cell.ms_per_token - cell.link_ms_per_token
+    cell.serialization_ms_per_token = serialization_ms_per_token(
+        bytes_per_token(cell, hidden_size, prompt_len), rate_bps)
+
+
+def bytes_per_token(cell: Cell, hidden_size: int, prompt_len: float) -> float:
+    """Hidden-state bytes (float32) that cross the N-1 inter-stage links per generated token (verdicts are tiny).
+
+    A round carries 1 + k tree nodes (the known next token and k drafts; ar: 1); the first also the prompt.
+    """
+    rounds = statistics.mean(r["rounds"] for r in cell.runs)
+    tokens = statistics.mean(r["new_tokens"] for r in cell.runs)
+    nodes = prompt_len + rounds * (1 + (cell.k or 0))
+    return (cell.stages - 1) * nodes * hidden_size * 4 / max(1.0, tokens)
+
+
+def check(cells: list[Cell], tolerance: float) -> None:
+    """Savings of each si/dsi cell against ar in the same (N, t1); prediction and pass for si."""
+    by_key = {c.key(): c for c in cells if c.ms_per_token is not None}
+    for c in cells:
+        if c.mode == "ar" or c.ms_per_token is None:
+            continue
+        ar_t, ar_0 = by_key.get((c.stages, c.t1_ms, None, None, "ar")), by_key.get((c.stages, 0.0, None, None, "ar"))
+        spec_0 = by_key.get((c.stages, 0.0, c.drafter, c.k, c.mode))
+        if ar_t is None:
+            continue
+        c.measured_savings_raw = ar_t.ms_per_token - c.ms_per_token
+        if ar_0 is not None and spec_0 is not None:
+            c.measured_savings_link = (ar_t.ms_per_token - ar_0.ms_per_token) - (c.ms_per_token - spec_0.ms_per_token)
+        if c.mode != "si" or c.t1_ms <= 0:
+            continue
+        c.predicted_savings = predicted_savings(c.links, c.t1_ms, c.tau)
+        measured = c.measured_savings_link if c.measured_savings_link is not None else c.measured_savings_raw
+        err = relative_error(measured, c.predicted_savings)
+        raw_err = relative_error(c.measured_savings_raw, c.predicted_savings)
+        c.error_pct = None if err is None else 100 * err
+        c.error_raw_pct = None if raw_err is None else 100 * raw_err
+        if c.t1_ms >= MIN_CHECKED_T1_MS and err is not None:
+            c.passed = err <= tolerance
+        c.components = components(c, ar_t, ar_0, spec_0)
+
+
+def components(c: Cell, ar_t: Cell, ar_0: Cell | None, si_0: Cell | None) -> dict:
+    """Where the per-token time goes, for ar and si: compute (the t1 = 0 time, which holds the serialization
+    too: a rate limit, when set, applies at every t1), predicted and measured link time, and the residual.
+
+    residual = measured link part - predicted link part: queueing, wake-up latency and relay overhead when
+    positive; work that overlaps the link wait (and so drops out of the critical path at t1 > 0) when negative,
+    and in both directions the machine's own noise (`slowdown_max`: the worst speed-probe reading).
+    """
+    out = {}
+    for name, at_t, at_0, tau in (("ar", ar_t, ar_0, 1.0), ("si", c, si_0, c.tau)):
+        link_pred = link_ms_per_token(c.links, c.t1_ms, tau)
+        d = {"ms_per_token": at_t.ms_per_token, "link_predicted": link_pred,
+             "serialization": at_t.serialization_ms_per_token or 0.0, "slowdown_max": at_t.slowdown_max}
+        if at_0 is not None:
+            d["compute_t1_0"] = at_0.ms_per_token
+            d["slowdown_max"] = max((x for x in (at_t.slowdown_max, at_0.slowdown_max) if x), default=None)
+            d["link_measured"] = at_t.ms_per_token - at_0.ms_per_token
+            d["residual"] = d["link_measured"] - link_pred
+        out[name] = d
+    return out

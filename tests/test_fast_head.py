@@ -1,0 +1,298 @@
+"""The head's loop (ar, si, dsi) against a scripted pipeline and drafter: no weights, no processes, no network.
+
+The fake target is a deterministic next-token function. The fake pipeline is one greedy last stage:
+it keeps the committed text (what a KV cache would hold), the tentative trees of the rounds in
+flight and the verified-but-uncommitted rounds, and checks the head's protocol as it goes (commits
+are exactly earlier verdicts, a round's base is exactly the verified uncommitted rounds). The fake
+drafter proposes the target's own continuation, except at scripted levels of scripted calls.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+
+from dsd_node.engine.config import GenerationConfig, TreeShape
+from dsd_node.engine.drafter import Draft, DraftRequest
+from dsd_node.engine.head import Head
+from dsd_node.engine.messages import RoundMsg, VerdictMsg
+from dsd_node.engine.tree import TokenTree
+
+V = 97
+SID = "s"
+PROMPT = [11, 42, 5]
+
+
+def target_next(seq: list[int]) -> int:
+    return (sum(seq[-2:]) * 7 + 3) % V
+
+
+def greedy(prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(target_next(seq))
+    return seq[len(prompt) :]
+
+
+class ScriptedDrafter:
+    """Proposes the target's continuation of the context; on call c it goes wrong at level wrong_at[c].
+
+    Alternatives (req.tree.branch at the first branch_depth levels) are wrong tokens, except that with
+    rescue=True the first alternative at the wrong level is the right token."""
+
+    def __init__(self, wrong_at: dict[int, int] | None = None, rescue: bool = False):
+        self.wrong_at = wrong_at or {}
+        self.rescue = rescue
+        self.requests: list[DraftRequest] = []
+
+    async def draft(self, session_id: str, req: DraftRequest) -> Draft:
+        assert session_id == SID
+        bad = self.wrong_at.get(len(self.requests))
+        self.requests.append(req)
+        seq, tokens, parents, main, parent = list(req.context), [], [], [], -1
+        for level in range(req.depth):
+            right = target_next(seq)
+            tok = (right + 1) % V if level == bad else right
+            main.append(len(tokens))
+            tokens.append(tok)
+            parents.append(parent)
+            siblings_parent, parent = parent, len(tokens) - 1
+            for j in range(req.tree.branch if level < req.tree.branch_depth else 0):
+                tokens.append(right if (self.rescue and level == bad and j == 0) else (right + 2 + j) % V)
+                parents.append(siblings_parent)
+            seq.append(tok)
+        return Draft(TokenTree(tokens, parents), main)
+
+
+class ScriptedPipeline:
+    """Every stage at once, ending in a greedy verifier over target_next; rounds in force_stale come back stale."""
+
+    def __init__(self, force_stale: set[int] | None = None):
+        self.force_stale = force_stale or set()
+        self.sent: list[RoundMsg] = []
+        self.received: list[VerdictMsg] = []  # verdicts the head has taken
+        self.queue: deque[VerdictMsg] = deque()
+        self.epoch = 0
+        self.text: list[int] = []  # the committed prefix: what every stage's KV cache holds
+        self.trees: dict[int, TokenTree] = {}  # tentative rounds
+        self.pending: dict[int, list[int]] = {}  # verified, uncommitted round -> accepted path
+        self.y: int | None = None  # the next token: committed by the last verdict, in no cache yet
+
+    async def send(self, msg: RoundMsg) -> None:
+        assert msg.session_id == SID
+        assert len(self.sent) < 500, "the head keeps sending rounds without making progress"
+        self.sent.append(msg)
+        tree = msg.tree if msg.epoch >= self.epoch else TokenTree([], [])  # an older epoch: commit-only
+        self.epoch = max(self.epoch, msg.epoch)
+        for rid, keep in msg.commits:
+            assert self.pending.pop(rid, None) == keep, f"round {msg.round_id} commits {rid}:{keep}, not a verdict"
+            self.text += [self.trees[rid].tokens[i] for i in keep]
+        self.trees = {rid: t for rid, t in self.trees.items() if rid in {b for b, _ in msg.base}}
+        if tree.tokens:
+            tree.validate(V)
+            self.trees[msg.round_id] = tree
+            self.queue.append(self._verify(msg, tree))
+
+    async def recv(self) -> VerdictMsg:
+        assert self.queue, "the head waits for a verdict that no round will produce"
+        self.received.append(self.queue.popleft())
+        return self.received[-1]
+
+    def _verify(self, msg: RoundMsg, tree: TokenTree) -> VerdictMsg:
+        stale = VerdictMsg(SID, msg.round_id, msg.epoch, stale=True)
+        if msg.round_id in self.force_stale or msg.base != list(self.pending.items()):
+            return stale
+        ctx = self.text + [self.trees[rid].tokens[i] for rid, path in msg.base for i in path]
+        kids = tree.children()
+        if tree.n_given:
+            path = list(range(tree.n_given))
+        else:
+            roots = [r for r in kids.get(-1, []) if tree.tokens[r] == self.y]
+            if self.y is None or not roots:
+                return stale
+            path = [roots[0]]
+        tokens: list[int] = []
+        while True:
+            want = target_next(ctx + [tree.tokens[i] for i in path])
+            tokens.append(want)
+            child = next((c for c in kids.get(path[-1], []) if tree.tokens[c] == want), None)
+            if child is None:
+                break
+            path.append(child)
+        self.y = tokens[-1]
+        self.pending[msg.round_id] = path
+        return VerdictMsg(SID, msg.round_id, msg.epoch, stale=False, accepted=path, tokens=tokens)
+
+
+async def generate(
+    cfg: GenerationConfig,
+    drafter: ScriptedDrafter | None = None,
+    pipe: ScriptedPipeline | None = None,
+    eos: int | None = None,
+    depth: int = 1,
+    prompt: list[int] = PROMPT,
+):
+    """Run the head, flush its last commits, and check what every stage would hold afterwards."""
+    pipe = pipe or ScriptedPipeline()
+    streamed: list[int] = []
+
+    async def on_tokens(toks: list[int]) -> None:
+        streamed.extend(toks)
+
+    head = Head(SID, pipe, drafter, cfg, eos_token_id=eos, on_tokens=on_tokens, pipeline_depth=depth)
+    out = await head.run(list(prompt))
+    assert streamed == out
+    await head.flush()
+    assert pipe.text == head.known[:-1]  # every accepted token is committed exactly once, y excepted
+    s = head.stats
+    assert s.new_tokens == len(out)
+    assert s.rounds == len(pipe.sent) - 1 == len(s.accepted_per_round) + s.rounds_wasted + len(head.inflight)
+    return out, head, pipe
+
+
+def chain(k: int, **kw) -> GenerationConfig:
+    return GenerationConfig(mode="si", draft_k=k, tree=TreeShape(branch=0), **kw)
+
+
+def dsi(k: int, inflight: int, **kw) -> GenerationConfig:
+    return GenerationConfig(
+        mode="dsi", draft_k=k, tree=TreeShape(branch=0), max_inflight=inflight, min_valid_prob=0.05, **kw
+    )
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+async def test_si_accept_all_gives_k_plus_one_tokens_per_round(k):
+    n = 4 * (k + 1)
+    out, head, pipe = await generate(chain(k, max_new_tokens=n), ScriptedDrafter())
+    assert out == greedy(PROMPT, n)
+    assert head.stats.accepted_per_round == [k + 1] * 4 and head.stats.rounds_wasted == 0
+    first, *rest, _flush = pipe.sent
+    assert first.tree.n_given == len(PROMPT) and first.tree.tokens == PROMPT + greedy(PROMPT, k)
+    for prev, msg in zip(pipe.sent, rest, strict=False):
+        verdict = pipe.received[prev.round_id]
+        assert msg.commits == [(prev.round_id, verdict.accepted)] and msg.base == []
+        assert msg.tree.parents[0] == -1 and msg.tree.tokens[0] == verdict.tokens[-1]  # y, then k drafts
+        assert len(msg.tree) == k + 1
+
+
+@pytest.mark.parametrize("d", [0, 1, 3])
+async def test_si_reject_at_depth_d(d):
+    drafter = ScriptedDrafter(wrong_at={1: d, 2: d})
+    out, head, _ = await generate(chain(4, max_new_tokens=20), drafter)
+    assert out == greedy(PROMPT, 20)
+    assert head.stats.accepted_per_round[:3] == [5, d + 1, d + 1]  # d draft tokens pass, then the target's own
+    assert head.stats.rounds_wasted == 0
+
+
+async def test_alternative_leaf_rescues_a_rejected_main_token():
+    cfg = GenerationConfig(mode="si", draft_k=4, max_new_tokens=12, tree=TreeShape(branch=1, branch_depth=2))
+    out, head, pipe = await generate(cfg, ScriptedDrafter(wrong_at={0: 1}, rescue=True))
+    assert out == greedy(PROMPT, 12)
+    # main[0] passes, main[1] is wrong but its sibling (a leaf) is right, then the target's next token
+    assert head.stats.accepted_per_round[0] == 3
+    tree, accepted = pipe.sent[0].tree, pipe.received[0].accepted
+    n = len(PROMPT)
+    assert tree.parents[accepted[-1]] == accepted[-2] == n and accepted[-1] != n + 2  # not the main chain's node
+    assert pipe.sent[1].commits == [(0, accepted)]
+
+
+async def test_ar_is_one_token_per_round():
+    cfg = GenerationConfig(mode="ar", max_new_tokens=6)
+    out, head, pipe = await generate(cfg, drafter=None)
+    assert out == greedy(PROMPT, 6)
+    assert head.stats.accepted_per_round == [1] * 6 and head.stats.rounds == 6
+    assert pipe.sent[0].tree.tokens == PROMPT and pipe.sent[0].tree.n_given == len(PROMPT)
+    assert [m.tree.tokens for m in pipe.sent[1:-1]] == [[t] for t in out[:-1]]
+
+
+async def test_dsi_accept_all_keeps_rounds_in_flight_on_assumed_paths():
+    out, head, pipe = await generate(dsi(3, 3, max_new_tokens=40), ScriptedDrafter(), depth=3)
+    assert out == greedy(PROMPT, 40)
+    assert head.stats.rounds_wasted == 0 and not any(v.stale for v in pipe.received)
+    assert max(head.stats.inflight) == 2  # the third round was sent with two ahead of it
+    verdicts = {v.round_id: v for v in pipe.received}
+    for msg in pipe.sent[:-1]:
+        # a round builds on every earlier round still in flight, with the path that round turned out to accept
+        assert [rid for rid, _ in msg.base] == list(range(msg.round_id - len(msg.base), msg.round_id))
+        assert all(verdicts[rid].accepted == path for rid, path in msg.base)
+    assert head.stats.accepted_per_round[:5] == [4] * 5
+
+
+async def test_dsi_keeps_pipelining_up_to_max_new_tokens():
+    # each token the rounds in flight assume is counted once: a pure-draft round's first token is its guess for
+    # the token its predecessor's verdict adds, so the head does not stop speculating early near the end
+    drafter = ScriptedDrafter()
+    out, head, _ = await generate(dsi(4, 3, max_new_tokens=30), drafter, depth=3)
+    assert out == greedy(PROMPT, 30)
+    assert [r.depth for r in drafter.requests] == [4, 5, 5, 5, 5, 5] and head.stats.inflight == [0, 1, 2, 2, 2, 2]
+
+
+async def test_dsi_rejection_makes_later_rounds_stale_and_their_verdicts_are_ignored():
+    # round 0's draft goes wrong at level 1: rounds 1 and 2, sent on its assumed path, are wasted
+    out, head, pipe = await generate(dsi(4, 3, max_new_tokens=30), ScriptedDrafter(wrong_at={0: 1}), depth=3)
+    assert out == greedy(PROMPT, 30)
+    assert [m.round_id for m in pipe.sent[:3]] == [0, 1, 2] and head.stats.inflight[:3] == [0, 1, 2]
+    assert pipe.received[0].accepted == list(range(len(PROMPT) + 1))  # the prompt and one draft token
+    assert [v.round_id for v in pipe.received[1:3]] == [1, 2] and all(v.stale for v in pipe.received[1:3])
+    assert head.stats.rounds_wasted == 2  # counted once, when round 0's verdict broke their assumption
+    restart = pipe.sent[3]
+    assert restart.epoch == 1 and restart.base == [] and restart.commits == [(0, pipe.received[0].accepted)]
+    assert restart.tree.tokens[0] == pipe.received[0].tokens[-1]
+    assert all(m.epoch == 1 for m in pipe.sent[3:])
+    assert head.stats.accepted_per_round[0] == 2
+
+
+async def test_dsi_wrong_first_token_of_the_next_round_is_caught_on_the_verdict_before_it():
+    # round 0 is accepted whole, but round 1's root (its guess of round 0's last token) is wrong
+    out, head, pipe = await generate(dsi(4, 3, max_new_tokens=30), ScriptedDrafter(wrong_at={1: 0}), depth=3)
+    assert out == greedy(PROMPT, 30)
+    assert pipe.received[0].accepted == list(range(len(PROMPT) + 4)) and head.stats.rounds_wasted == 2
+    assert (
+        pipe.sent[3].epoch == 1 and pipe.sent[3].base == [] and pipe.sent[3].commits == [(0, pipe.received[0].accepted)]
+    )
+
+
+async def test_dsi_stale_verdict_from_the_pipeline_restarts_from_the_committed_text():
+    pipe = ScriptedPipeline(force_stale={2})  # e.g. a stage lost the round
+    out, head, _ = await generate(dsi(3, 3, max_new_tokens=40), ScriptedDrafter(), pipe=pipe, depth=3)
+    assert out == greedy(PROMPT, 40)
+    restart = next(i for i, m in enumerate(pipe.sent) if m.epoch == 1)
+    behind = [m.round_id for m in pipe.sent[:restart] if m.round_id > 2]  # given up with round 2
+    assert behind and head.stats.rounds_wasted == 1 + len(behind)
+    # rounds 0 and 1 were committed on the rounds sent after their verdicts; the restart starts from y
+    assert [m.commits for m in pipe.sent[3:5]] == [[(0, pipe.received[0].accepted)], [(1, pipe.received[1].accepted)]]
+    assert pipe.sent[restart].base == [] and pipe.sent[restart].commits == []
+    assert pipe.sent[restart].tree.tokens[0] == pipe.received[1].tokens[-1]
+
+
+@pytest.mark.parametrize("mode", ["ar", "si", "dsi"])
+@pytest.mark.parametrize("n", [1, 7])
+async def test_max_new_tokens_cut(mode, n):
+    cfg = GenerationConfig(mode=mode, draft_k=4, max_new_tokens=n, max_inflight=3, tree=TreeShape(branch=0))
+    drafter = None if mode == "ar" else ScriptedDrafter()
+    out, head, _ = await generate(cfg, drafter, depth=3)
+    assert out == greedy(PROMPT, n)
+    for req in drafter.requests if drafter else []:
+        assert req.depth <= n + 1  # no round drafts far beyond the tokens still wanted
+
+
+@pytest.mark.parametrize("mode", ["ar", "si", "dsi"])
+async def test_eos_cut(mode):
+    ref = greedy(PROMPT, 40)
+    i = next(i for i in range(6, 40) if ref[i] not in ref[:i])  # a token first seen at position i
+    cfg = GenerationConfig(mode=mode, draft_k=3, max_new_tokens=40, max_inflight=2, tree=TreeShape(branch=0))
+    out, _, _ = await generate(cfg, None if mode == "ar" else ScriptedDrafter(), eos=ref[i], depth=2)
+    assert out == ref[: i + 1]
+    cfg.ignore_eos = True
+    out, _, _ = await generate(cfg, None if mode == "ar" else ScriptedDrafter(), eos=ref[i], depth=2)
+    assert out == ref
+
+
+async def test_bad_configurations_are_refused():
+    with pytest.raises(ValueError, match="needs a drafter"):
+        Head(SID, ScriptedPipeline(), None, GenerationConfig(mode="si"))
+    with pytest.raises(ValueError, match="unknown mode"):
+        Head(SID, ScriptedPipeline(), ScriptedDrafter(), GenerationConfig(mode="fast"))
+    with pytest.raises(ValueError, match="empty prompt"):
+        await Head(SID, ScriptedPipeline(), ScriptedDrafter(), GenerationConfig()).run([])
