@@ -17,7 +17,13 @@ from dsd_node.net.client import ClientError, ClientResult, DsdClient
 from dsd_node.net.grpc_util import Channels, query_info
 from dsd_node.ops.bench import register as register_bench
 from dsd_node.ops.compose import specs_from_compose
-from dsd_node.ops.generation_flags import add_generate_command, add_generation_flags, generation_config
+from dsd_node.ops.generation_flags import (
+    add_compute_flags,
+    add_generate_command,
+    add_generation_flags,
+    generation_config,
+    node_compute_args,
+)
 from dsd_node.ops.testnet import Testnet, plan, plan_discovery
 
 
@@ -26,7 +32,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.local:
         if args.mode == "dsi":
             print("note: --local runs every stage in one process, so dsi has no link latency to hide", file=sys.stderr)
-        eng = LocalEngine(args.model, None if args.mode == "ar" else args.drafter, args.stages, args.dtype)
+        eng = LocalEngine(args.model, None if args.mode == "ar" else args.drafter, args.stages, args.dtype,
+                          args.device, args.threads)
         res = eng.generate(args.prompt, cfg)
         if args.json:
             print(json.dumps(res.as_dict()))
@@ -69,15 +76,16 @@ def _print_stats(st: Stats | None) -> None:
 def cmd_testnet(args: argparse.Namespace) -> int:
     wired = args.no_discovery or args.link_delay_ms > 0 or args.colocate
     if args.from_file:
-        specs = specs_from_compose(Path(args.from_file), threads=args.threads)
+        specs = specs_from_compose(Path(args.from_file), threads=args.threads)  # the file's own devices
         wired = False
         what = f"every service of {args.from_file} as a local process ({', '.join(s.name for s in specs)})"
     elif wired:
         specs = plan(args.stages, args.model, args.drafter, threads=args.threads, link_delay_ms=args.link_delay_ms,
-                     colocate=args.colocate)
+                     colocate=args.colocate, extra=node_compute_args(args))
         what = f"{args.stages} stages + drafter + head, wired by address"
     else:
-        specs = plan_discovery(args.stages, args.replicas, args.model, args.drafter, threads=args.threads)
+        specs = plan_discovery(args.stages, args.replicas, args.model, args.drafter, threads=args.threads,
+                               extra=node_compute_args(args))
         what = (f"bootstrap + {args.stages} shards x {args.replicas} replicas + drafter + head, "
                 "found through libp2p discovery")
     net = Testnet(specs, log_dir=args.log_dir)
@@ -180,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--stages", type=int, default=4, help="stage processes (default 4)")
     up.add_argument("--model", default="embedded:target")
     up.add_argument("--drafter", default="embedded:drafter")
-    up.add_argument("--threads", type=int, default=1, help="torch threads per node process (default 1)")
+    add_compute_flags(up, "torch threads per node process (default 1: small models run fastest on one thread each)",
+                      threads_default=1)
     up.add_argument("--from", dest="from_file", metavar="COMPOSE_FILE",
                     help="run every service of a docker-compose file (e.g. docker-compose.yml) as a local process "
                          "on loopback: the same commands the containers run")

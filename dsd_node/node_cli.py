@@ -31,14 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--role", help="comma-separated roles: stage, drafter, head, bootstrap (default stage)")
     ap.add_argument("--model", help="target model (stage, head) or draft model (drafter role alone): hub id, local "
                                     "path, or embedded:target / embedded:drafter (default embedded:target)")
-    ap.add_argument("--layers", help="stage: layer range A:B of the target to host (default: all layers)")
+    ap.add_argument("--layers", help="stage: layer range A:B of the target to host, or auto: as many layers as fit in "
+                                     "free memory (--max-mem-mb caps it), where the network covers least (default: all)")
+    ap.add_argument("--max-mem-mb", dest="max_mem_mb", type=int,
+                    help="stage with --layers auto: memory this node may use for its shard and KV caches (0: all free)")
     ap.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:0, a free port)")
     ap.add_argument("--advertise", help="address other nodes should use to reach this one (default: --listen)")
     ap.add_argument("--drafter", help="head: draft model to run in this process (hub id, path, embedded:drafter, self)")
     ap.add_argument("--drafter-addr", dest="drafter_addr", help="head: address of a drafter node")
     ap.add_argument("--route", help="head: comma-separated stage addresses, first stage first (or use --bootstrap)")
-    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default float32)")
-    ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    ap.add_argument("--device", help="where to compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps "
+                                     "(default auto)")
+    ap.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="compute dtype (default auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
+    ap.add_argument("--threads", type=int,
+                    help="torch threads (default 0: the cores of this host shared among its dsd-node processes)")
     ap.add_argument("--max-sessions", dest="max_sessions", type=int, help="concurrent sessions (default 64)")
     ap.add_argument("--session-ttl", dest="session_ttl", type=float, help="idle seconds before a session expires (300)")
     ap.add_argument("--max-message-mb", dest="max_message_mb", type=int, help="largest accepted message (64 MB)")

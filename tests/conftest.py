@@ -60,3 +60,19 @@ def save_random_llama(path: Path, layers: int, hidden: int, seed: int) -> str:
 @pytest.fixture(scope="session")
 def random_drafter(tmp_path_factory) -> str:
     return save_random_llama(tmp_path_factory.mktemp("random_drafter"), layers=1, hidden=64, seed=1)
+
+
+async def count_flips(generate, ids: list[int], want: list[int]) -> int:
+    """Tokens where `await generate(ids, n)` (a greedy generation of n tokens) differs from the reference `want`,
+    resuming after each flip from the reference's own text: one flip changes all the text after it, so counting
+    positions would count those too. Used for half precision, where near-tie argmaxes may flip."""
+    flips, pos = 0, 0
+    while pos < len(want):
+        got = await generate(ids + want[:pos], len(want) - pos)
+        k = 0
+        while k < min(len(got), len(want) - pos) and got[k] == want[pos + k]:
+            k += 1
+        if k == len(want) - pos:
+            break
+        flips, pos = flips + 1, pos + k + 1
+    return flips

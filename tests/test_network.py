@@ -152,6 +152,8 @@ async def test_bad_input_gets_clear_statuses_and_the_node_keeps_serving(net2, re
     async with DsdClient(net2.gateway) as c:
         with pytest.raises(ClientError, match="INVALID_ARGUMENT"):
             await c.generate([999999], GenerationConfig())
+        with pytest.raises(ClientError, match="INVALID_ARGUMENT.*exceed the model's context of 2048 positions"):
+            await c.generate([5] * 2040, GenerationConfig(max_new_tokens=16))  # prompt + new tokens > 2048 positions
         r = await c.generate(PROMPTS[0], GenerationConfig(max_new_tokens=16))
     assert r.tokens == hf_greedy(reference, tokenizer(PROMPTS[0])["input_ids"], 16, tokenizer.eos_token_id)
 

@@ -8,9 +8,11 @@ argmax can flip: here agreement is measured and held to a floor, not assumed.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy
+from conftest import PROMPTS, count_flips, hf_greedy
 from transformers import AutoModelForCausalLM
 
 from dsd_node.engine.config import GenerationConfig
@@ -107,20 +109,12 @@ def engine_bf16():
     return LocalEngine("embedded:target", "embedded:drafter", stages=3, dtype="bfloat16")
 
 
-def _agreement(eng: LocalEngine, ids: list[int], want: list[int], mode: str) -> int:
-    """Tokens where the engine's greedy choice differs from the reference's, resuming after each flip from the
-    reference's own text (one flip changes all the text after it: counting positions would count those too)."""
-    flips, pos = 0, 0
-    while pos < len(want):
-        cfg = GenerationConfig(mode=mode, max_new_tokens=len(want) - pos, draft_k=4, max_inflight=3)
-        got = eng.generate(ids + want[:pos], cfg).tokens
-        k = 0
-        while k < min(len(got), len(want) - pos) and got[k] == want[pos + k]:
-            k += 1
-        if k == len(want) - pos:
-            break
-        flips, pos = flips + 1, pos + k + 1
-    return flips
+async def _flips(eng: LocalEngine, ids: list[int], want: list[int], mode: str) -> int:
+    async def generate(prefix: list[int], n: int) -> list[int]:
+        cfg = GenerationConfig(mode=mode, max_new_tokens=n, draft_k=4, max_inflight=3)
+        return (await eng.generate_async(prefix, cfg)).tokens
+
+    return await count_flips(generate, ids, want)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +129,7 @@ def test_bf16_greedy_agrees_with_hf_generate(engine_bf16, bf16_reference, tokeni
     assert engine_bf16.dtype == torch.bfloat16
     flips = total = 0
     for prompt, want in bf16_reference.items():
-        flips += _agreement(engine_bf16, tokenizer(prompt)["input_ids"], want, mode)
+        flips += asyncio.run(_flips(engine_bf16, tokenizer(prompt)["input_ids"], want, mode))
         total += len(want)
     agreement = 1 - flips / total
     print(f"bf16 {mode}: {flips} flips in {total} tokens, agreement {agreement:.3f}")
@@ -170,6 +164,8 @@ def test_dtype_resolution_and_threads():
         resolve_dtype("int8", cpu, None)
     assert default_threads(1) >= 1 and default_threads(10**6) == 1
     assert default_threads(2) == max(1, default_threads(1) // 2)
+    assert default_threads(1, hidden_size=256) == 1  # a narrow model runs fastest on one thread
+    assert default_threads(1, hidden_size=1 << 20) == default_threads(1)
 
 
 def test_context_limit_is_checked_before_generating(engine_bf16):

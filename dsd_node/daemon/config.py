@@ -26,14 +26,16 @@ class ConfigError(ValueError):
 class NodeConfig:
     role: str = "stage"  # comma-separated roles
     model: str = "embedded:target"
-    layers: str | None = None  # A:B; None: every layer
+    layers: str | None = None  # A:B, or "auto" (sized by free memory, where the network covers least); None: all
     listen: str = "127.0.0.1:0"
     advertise: str | None = None
     drafter: str | None = None
     drafter_addr: str | None = None
     route: str | None = None  # comma-separated stage addresses ("self": this node's own stage)
-    dtype: str = "float32"
-    threads: int = 0  # 0: torch's default
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto: the checkpoint's dtype on a GPU, float32 on a CPU
+    threads: int = 0  # 0: this host's cores shared among the dsd-node processes running on it
+    max_mem_mb: int = 0  # --layers auto: memory this node may use (0: what the device has free)
     max_sessions: int = 64
     session_ttl: float = 300.0
     max_message_mb: int = 64
@@ -59,7 +61,7 @@ class NodeConfig:
         bad = [r for r in self.roles if r not in ROLES]
         if bad or not self.roles:
             raise ConfigError(f"unknown role {','.join(bad) or '(none)'}; choose from {', '.join(ROLES)}")
-        for name in ("threads", "max_sessions", "max_message_mb", "max_inflight", "max_kv_mb"):
+        for name in ("threads", "max_sessions", "max_message_mb", "max_inflight", "max_kv_mb", "max_mem_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} cannot be negative")
         if self.max_sessions < 1 or self.max_message_mb < 1:

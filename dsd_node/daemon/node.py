@@ -1,10 +1,13 @@
 """One node's life: load what its roles need, serve gRPC, join the network, find a route, stop cleanly on SIGTERM/SIGINT.
 
 `run_node(cfg)` runs these steps in order; each is a method of `Node`:
-  listen          the gRPC server on cfg.listen (health NOT_SERVING until ready)
-  load            the stage's shard, the drafter, the model hash (a one-line error for a bad model)
-  add_services    Stage, Drafter, Gateway, Node (Info) on the server
-  join            libp2p discovery and the announcers of this node's records (with --bootstrap / --listen-p2p)
+  compute_on      the device (a one-line error, before anything starts, when it is not there) and CPU threads
+  listen          bind the gRPC port
+  join            libp2p discovery (with --bootstrap / --listen-p2p)
+  load            the stage's shard (--layers auto: sized by free memory, placed where the network covers least),
+                  the drafter, the model hash (a one-line error for a bad model)
+  add_services    Stage, Drafter, Gateway, Node (Info); the server starts, NOT_SERVING
+  announce        this node's records in the DHT
   build_gateway   a head's route: from --route addresses or from discovery (may wait; SIGTERM still stops it)
   serve           SERVING until a signal
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import torch
@@ -22,14 +27,25 @@ from grpc_health.v1 import health_pb2
 
 from dsd_node import __version__
 from dsd_node.daemon.config import NodeConfig
+from dsd_node.engine.device import (
+    DeviceError,
+    checkpoint_dtype,
+    default_threads,
+    free_memory_bytes,
+    resolve_device,
+    resolve_dtype,
+    synchronize,
+)
 from dsd_node.engine.drafter import Drafter
 from dsd_node.engine.local import LocalDraftSource
 from dsd_node.engine.messages import Hop
 from dsd_node.engine.models import (
     ModelError,
     check_same_tokenizer,
+    load_config,
     load_shard,
     load_tokenizer,
+    max_positions,
     model_num_layers,
     parse_layers,
     weights_hash,
@@ -46,7 +62,8 @@ from dsd_node.net.stage_service import StageService
 from dsd_node.net.wire import NodeInfo
 from dsd_node.p2p.discovery import Discovery, DiscoveryError
 from dsd_node.p2p.identity import IdentityError
-from dsd_node.p2p.peers import RouteFinder, make_record, start_discovery
+from dsd_node.p2p.peers import RouteFinder, make_record, stage_records, start_discovery
+from dsd_node.p2p.placement import MIB, PlacementError, dtype_bytes, plan_span
 from dsd_node.p2p.records import NodeRecord
 from dsd_node.p2p.routing import RouteError, build_route
 from dsd_node.proto import dsd_pb2_grpc as rpc
@@ -80,6 +97,8 @@ class Node:
         self.model_hash = ""
         self.num_layers = 0
         self.tokens_per_s = 0.0
+        self.mem_free_mb = 0
+        self.device = torch.device("cpu")
         self.stage: StageHandler | None = None
         self.drafter: Drafter | None = None
         self.gateway: GatewayService | None = None
@@ -87,24 +106,37 @@ class Node:
         self.tasks: list[asyncio.Task] = []
 
     async def run(self) -> None:
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        self.compute_on()
         install_signal_handlers(self.stop)
         self.listen()
-        self.load()
-        self.add_services()
-        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.start()
         try:
             await self.join()
+            await self.load()
+            self.add_services()
+            await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.server.start()
+            self.announce()
             if self.gateway is not None and not await self.build_gateway():
                 return  # stopped while waiting for a route
             await self.serve()
-        except (RouteError, DiscoveryError, IdentityError, NodeStartError) as e:
-            print(f"dsd-node: {e}", flush=True)
+        except (RouteError, DiscoveryError, IdentityError, NodeStartError, PlacementError) as e:
+            print(f"dsd-node: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from e
         finally:
             await self.shutdown()
+
+    def compute_on(self) -> None:
+        try:
+            self.device = resolve_device(self.cfg.device)
+        except DeviceError as e:
+            print(f"dsd-node: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        threads = self.cfg.threads
+        if not threads:  # the host's cores shared among its nodes, capped by the model's width
+            width = None if self.roles == ["bootstrap"] else getattr(load_config(self.cfg.model), "hidden_size", None)
+            threads = default_threads(nodes_on_this_host(), width)
+        torch.set_num_threads(threads)
+        log.info("computing on %s with %d CPU threads", self.device, threads)
 
     def listen(self) -> None:
         host, _, _ = self.cfg.listen.rpartition(":")
@@ -115,26 +147,52 @@ class Node:
         self.self_address = f"{local_host}:{port}"  # where this process reaches itself ("self" in a route)
         self.address = self.cfg.advertise or self.self_address
 
-    def load(self) -> None:
+    async def load(self) -> None:
         cfg = self.cfg
         try:
-            if "stage" in self.roles:
+            if self.stage_role or "head" in self.roles:
+                self.model_hash = weights_hash(cfg.model)
+            if self.stage_role:
                 self.num_layers = model_num_layers(cfg.model)
-                a, b = parse_layers(cfg.layers) if cfg.layers else (0, self.num_layers)
-                shard = load_shard(cfg.model, a, b, cfg.dtype)
+                a, b = await self.choose_layers()
+                shard = load_shard(cfg.model, a, b, cfg.dtype, self.device)
                 tok = load_tokenizer(cfg.model) if shard.is_last else None
                 runner = ShardRunner(shard, max_sessions=cfg.max_sessions, max_kv_bytes=(cfg.max_kv_mb << 20) or None)
                 self.stage = StageHandler(runner, low_importance=(lambda: low_importance_mask(tok)) if tok else None)
             if "drafter" in self.roles or ("head" in self.roles and cfg.drafter):
                 name = cfg.drafter if "head" in self.roles else cfg.model
                 name = cfg.model if name == "self" else (name or "embedded:drafter")
-                self.drafter = Drafter(name, cfg.dtype, max_sessions=cfg.max_sessions)
-            if self.stage is not None or "head" in self.roles:
-                self.model_hash = weights_hash(cfg.model)
+                self.drafter = Drafter(name, cfg.dtype, max_sessions=cfg.max_sessions, device=self.device)
         except (ModelError, ValueError) as e:
-            raise SystemExit(f"dsd-node: {e}") from e
+            if isinstance(e, PlacementError):
+                raise
+            raise NodeStartError(str(e)) from e
         if self.stage is not None:
             self.tokens_per_s = measure_tokens_per_s(self.stage.runner)
+        self.mem_free_mb = free_memory_bytes(self.device) // MIB
+
+    @property
+    def stage_role(self) -> bool:
+        return "stage" in self.roles
+
+    async def choose_layers(self) -> tuple[int, int]:
+        """--layers A:B as given; --layers auto: as many layers as fit, where the announced stages cover least."""
+        cfg = self.cfg
+        if cfg.layers != "auto":
+            return parse_layers(cfg.layers) if cfg.layers else (0, self.num_layers)
+        config = load_config(cfg.model)
+        dtype = resolve_dtype(cfg.dtype, self.device, checkpoint_dtype(config))
+        budget = cfg.max_mem_mb * MIB if cfg.max_mem_mb else int(free_memory_bytes(self.device) * 0.9)
+        kv_reserve = cfg.max_kv_mb * MIB if cfg.max_kv_mb else budget // 10
+        records = []
+        if self.discovery is not None:
+            records = [r for r in await stage_records(self.discovery, cfg.model, self.model_hash)
+                       if r.peer_id != self.discovery.peer_id]
+        a, b = plan_span(records, config, dtype_bytes(dtype), budget, kv_reserve_bytes=kv_reserve,
+                         salt=self.discovery.peer_id if self.discovery else "")
+        print(f"dsd-node: --layers auto: {budget // MIB} MB on {self.device} ({kv_reserve // MIB} MB for KV caches), "
+              f"{len(records)} stages announced: hosting layers {a}:{b}", flush=True)
+        return a, b
 
     def add_services(self) -> None:
         if self.stage is not None:
@@ -165,18 +223,24 @@ class Node:
         self.discovery = await start_discovery(cfg.identity, self.role, listen_p2p, cfg.bootstrap)
         print(f"dsd-node p2p: peer id {self.discovery.peer_id} listening on {' '.join(self.discovery.listen_addrs)}",
               flush=True)
+
+    def announce(self) -> None:
+        if self.discovery is None:
+            return
         for role, present in (("stage", self.stage), ("drafter", self.drafter)):
             if present is not None:
                 self.tasks.append(asyncio.create_task(
-                    self.discovery.run_announcer(lambda role=role: self.record(role), cfg.announce_ttl / 3)))
+                    self.discovery.run_announcer(lambda role=role: self.record(role), self.cfg.announce_ttl / 3)))
 
     def record(self, role: str) -> NodeRecord:
         sh = self.stage.runner.shard if role == "stage" else None
         sessions = len(self.stage.runner.sessions) if sh else len(self.drafter.sessions)
+        on = sh or self.drafter.shard
         return make_record(self.discovery.peer_id, role, self.cfg.model if sh else self.drafter.model_id,
                            self.model_hash if sh else "", sh.start if sh else 0, sh.end if sh else 0,
                            self.num_layers if sh else 0, self.address, self.tokens_per_s, sessions,
-                           self.cfg.max_sessions, self.cfg.announce_ttl)
+                           self.cfg.max_sessions, self.cfg.announce_ttl, device=str(on.device),
+                           dtype=str(on.dtype).removeprefix("torch."), mem_free_mb=self.mem_free_mb)
 
     async def build_gateway(self) -> bool:
         """Give the gateway its route and drafter; False if a signal came first."""
@@ -214,7 +278,8 @@ class Node:
             reroute = finder.reroute
         else:
             raise NodeStartError("head needs --route ADDR,ADDR,... (stage addresses, first stage first) or --bootstrap")
-        return GatewayConfig(route, tok, drafter, cfg.max_inflight, cfg.round_timeout, reroute)
+        return GatewayConfig(route, tok, drafter, cfg.max_inflight, cfg.round_timeout, reroute,
+                             max_positions(load_config(cfg.model)))
 
     async def serve(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -258,11 +323,26 @@ async def route_from_addresses(addresses: list[str], channels: Channels, model: 
 
 
 def measure_tokens_per_s(runner: ShardRunner, n: int = 32) -> float:
-    """Throughput of this shard on a prefill of n tokens (announced; routes prefer fast nodes)."""
+    """Throughput of this shard on a prefill of n tokens after a warm-up (announced; routes prefer fast nodes)."""
     sh = runner.shard
     tree = TokenTree.chain([0] * n, n_given=n)
-    hidden = None if sh.is_first else torch.zeros(1, n, sh.hidden_size, dtype=sh.dtype)
-    t0 = time.perf_counter()
-    runner.forward("__probe__", 0, [], tree, hidden)
-    runner.end_session("__probe__")
+    hidden = None if sh.is_first else torch.zeros(1, n, sh.hidden_size, dtype=sh.dtype, device=sh.device)
+    for _ in range(2):  # the first pass pays for kernel selection and allocation
+        t0 = time.perf_counter()
+        runner.forward("__probe__", 0, [], tree, hidden)
+        synchronize(sh.device)
+        runner.end_session("__probe__")
     return n / max(1e-6, time.perf_counter() - t0)
+
+
+def nodes_on_this_host() -> int:
+    """dsd-node processes running on this host now, this one included (Linux: /proc; elsewhere 1)."""
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith((b"dsd-node", b"dsd-bootstrap", b"dsd_node.node_cli", b"netem.emulated_node")) for a in argv[:3]):
+            count += 1
+    return max(1, count)

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 import torch
 
 from dsd_node.engine.config import GenerationConfig, Stats
-from dsd_node.engine.device import resolve_device
+from dsd_node.engine.device import default_threads, resolve_device
 from dsd_node.engine.drafter import Draft, Drafter, DraftRequest
 from dsd_node.engine.head import Head
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.models import (
     check_context,
     check_same_tokenizer,
+    load_config,
     load_shard,
     load_tokenizer,
     max_positions,
@@ -82,8 +83,8 @@ class LocalEngine:
 
     def __init__(self, model: str = "embedded:target", drafter: str | None = "embedded:drafter", stages: int = 2,
                  dtype: str = "float32", device: str = "cpu", threads: int | None = None):
-        if threads:
-            torch.set_num_threads(int(threads))
+        if threads is not None:  # 0: this machine's cores, capped by the model's width
+            torch.set_num_threads(threads or default_threads(1, getattr(load_config(model), "hidden_size", None)))
         dev = resolve_device(device)
         self.tokenizer = load_tokenizer(model)
         if drafter and drafter not in ("self", model):

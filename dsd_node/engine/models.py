@@ -264,9 +264,7 @@ def max_positions(config_or_source) -> int | None:
     if isinstance(config_or_source, Shard):
         config = config_or_source.config
     elif isinstance(config_or_source, (str, Path)):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(resolve_model_path(str(config_or_source)))
+        config = load_config(str(config_or_source))
     else:
         config = getattr(config_or_source, "config", config_or_source)
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -301,7 +299,12 @@ def parse_layers(spec: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def model_num_layers(source: str) -> int:
+def load_config(source: str):
+    """The model's Hugging Face config (no weights read)."""
     from transformers import AutoConfig
 
-    return num_layers_of(AutoConfig.from_pretrained(resolve_model_path(source)))
+    return AutoConfig.from_pretrained(resolve_model_path(source))
+
+
+def model_num_layers(source: str) -> int:
+    return num_layers_of(load_config(source))

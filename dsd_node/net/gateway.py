@@ -19,6 +19,7 @@ import grpc
 from dsd_node.engine.config import ErrorCode, GenerationConfig, GenerationError, Stats
 from dsd_node.engine.head import DraftSource, Head
 from dsd_node.engine.messages import Hop
+from dsd_node.engine.models import check_context
 from dsd_node.net.grpc_util import Channels
 from dsd_node.net.pipeline_client import GrpcPipeline
 from dsd_node.net.wire import generation_config_from_pb, stats_to_pb, verdict_from_pb
@@ -39,6 +40,7 @@ class GatewayConfig:
     default_max_inflight: int = 0  # 0: one round in flight per stage of the route
     round_timeout_s: float = 60.0
     reroute: Callable[[list[Hop]], Awaitable[list[Hop]]] | None = None  # failover (with discovery)
+    max_positions: int | None = None  # the target's context: prompt + max_new_tokens must fit
 
 
 class GatewayService(rpc.GatewayServicer):
@@ -65,6 +67,10 @@ class GatewayService(rpc.GatewayServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
         if any(not 0 <= t < len(tok) for t in ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt token outside the vocabulary")
+        try:
+            check_context(len(ids), gcfg.max_new_tokens, self.cfg.max_positions)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if gcfg.mode != "ar" and self.cfg.drafter is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"mode {gcfg.mode} needs a drafter; this gateway has none")
         t0 = time.perf_counter()

@@ -64,6 +64,20 @@ def add_generate_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--model", default="embedded:target", help="--local: target model (hub id, path, embedded:target)")
     g.add_argument("--drafter", default="embedded:drafter", help="--local: draft model (hub id, path, embedded:drafter, self)")
     g.add_argument("--stages", type=int, default=2, help="--local: number of pipeline shards to cut (default 2)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_compute_flags(g, "--local: torch threads (default 0: the cores of this machine, at most one per 512 of the "
+                         "model's hidden size)")
     add_generation_flags(g)
     return g
+
+
+def add_compute_flags(ap: argparse.ArgumentParser, threads_help: str, threads_default: int = 0) -> None:
+    """--device, --dtype and --threads, as dsd-node takes them."""
+    ap.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps (default auto)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="auto: the checkpoint's dtype on a GPU, float32 on a CPU (default auto)")
+    ap.add_argument("--threads", type=int, default=threads_default, help=threads_help)
+
+
+def node_compute_args(args: argparse.Namespace) -> list[str]:
+    """The compute flags to hand to every node of a testnet."""
+    return ["--device", args.device, "--dtype", args.dtype]

@@ -21,7 +21,6 @@ from dsd_node.ops.bench.cli import (
 )
 from dsd_node.ops.bench.formula import (
     MIN_CHECKED_T1_MS,
-    TOLERANCE,
     bytes_per_token,
     check,
     components,
@@ -37,6 +36,7 @@ from dsd_node.ops.bench.plan import (
     DRAFTERS,
     MODES,
     QUICK,
+    TOLERANCE,
     BenchConfig,
     Cell,
     Group,

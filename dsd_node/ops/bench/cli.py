@@ -64,6 +64,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-inflight", type=int, help=f"dsi: most rounds in flight (default {d.max_inflight})")
     ap.add_argument("--seed", type=int, help="prompt subset seed (default 0)")
     ap.add_argument("--threads", type=int, help="torch threads per node process and for the HF baseline (default 1)")
+    ap.add_argument("--device", help="every node's and the HF baseline's device: cpu, cuda, cuda:N, mps, auto (default cpu)")
+    ap.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="compute dtype (default float32)")
     ap.add_argument("--model", help="target model (default embedded:target)")
     ap.add_argument("--draft-model", help="the 'embedded' drafter's model (default embedded:drafter)")
     ap.add_argument("--link-rate", help="also limit each link's bandwidth, tc syntax (e.g. 100mbit; default unlimited)")

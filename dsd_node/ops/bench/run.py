@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from dsd_node import __version__
 from dsd_node.engine.config import GenerationConfig
+from dsd_node.engine.device import resolve_device, resolve_dtype, synchronize
 from dsd_node.engine.models import load_tokenizer, resolve_model_path
 from dsd_node.net.client import DsdClient
 from dsd_node.ops import testnet
@@ -65,7 +66,8 @@ def _gen_config(mode: str, k: int | None, tokens: int, max_inflight: int):
 def _testnet_specs(cfg: BenchConfig, n: int, t1: float, drafter: str | None) -> list:
     """Head + drafter + stage 0 in one process (L = N links per round); every node behind the link emulator."""
     specs = testnet.plan(n, model=cfg.model, drafter=cfg.drafter_source(drafter) if drafter else None,
-                         threads=cfg.threads, link_delay_ms=t1, colocate=True)
+                         threads=cfg.threads, link_delay_ms=t1, colocate=True,
+                         extra=["--device", cfg.device, "--dtype", cfg.dtype])
     env = {"DSD_LINK_EMULATOR": "1", "DSD_LINK_DELAY_MS": str(t1)}
     if cfg.link_rate:
         env["DSD_LINK_RATE"] = cfg.link_rate
@@ -234,8 +236,10 @@ def hf_baseline(cfg: BenchConfig, prompt_ids: list[list[int]]) -> dict:
     hf_logging.set_verbosity_error()  # min_new_tokens + assistant: harmless deprecation notes
     hf_logging.disable_progress_bar()
     try:
-        target = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=torch.float32).eval()
-        drafter = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.draft_model), dtype=torch.float32).eval()
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device, None)
+        target = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=dtype).to(device).eval()
+        drafter = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.draft_model), dtype=dtype).to(device).eval()
         kinds = {"hf_generate": {}, "hf_assisted": {"assistant_model": drafter}}
         longest = max(prompt_ids, key=len)
         for extra in kinds.values():  # warm-up: full length, longest prompt (as on the testnets)
@@ -263,11 +267,12 @@ def hf_baseline(cfg: BenchConfig, prompt_ids: list[list[int]]) -> dict:
 
 def _hf_generate(model, ids: list[int], tokens: int, extra: dict) -> float:
     """ms per token of one greedy HF generation of exactly `tokens` new tokens."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     with torch.inference_mode():
         t0 = time.perf_counter()
         y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=tokens,
                            min_new_tokens=tokens, pad_token_id=model.config.pad_token_id or 0, **extra)
+        synchronize(model.device)
         wall = (time.perf_counter() - t0) * 1e3
     return wall / max(1, y.shape[1] - len(ids))
 
