@@ -20,7 +20,9 @@ from dsd_node.net.grpc_util import query_info, wait_healthy
 from dsd_node.ops.testnet import Testnet, plan, plan_discovery
 from dsd_node.p2p.discovery import Discovery
 from dsd_node.p2p.identity import Identity
-from dsd_node.p2p.placement import MIB, layers_that_fit, span_fits
+from dsd_node.p2p.peers import make_record
+from dsd_node.p2p.placement import MIB, span_fits
+from dsd_node.p2p.routing import build_route
 
 pytestmark = pytest.mark.slow  # starts node processes
 
@@ -98,10 +100,11 @@ async def test_layers_auto_covers_the_model_by_memory_and_generates_exactly(refe
             spans.append((info.layer_start, info.layer_end))
         covered = sorted({layer for a, b in spans for layer in range(a, b)})
         assert covered == list(range(8)), spans  # every layer hosted
+        records = [make_record(str(i), "stage", "m", "", a, b, 8, "x", 1.0, 0, 1, 60) for i, (a, b) in enumerate(spans)]
+        assert build_route(records, 8), spans  # and the spans chain into a route (RouteError otherwise)
         config = load_config("embedded:target")
-        for (a, b), cap in zip(spans, caps, strict=True):  # each node within its memory, and as large as it fits
+        for (a, b), cap in zip(spans, caps, strict=True):  # each node within its memory
             assert span_fits(config, 4, cap * MIB, a, b, kv_reserve_bytes=cap * MIB // 10), (a, b, cap)
-            assert b - a >= layers_that_fit(config, 4, cap * MIB, kv_reserve_bytes=cap * MIB // 10), (a, b, cap)
 
         # a node with room for no layer at all refuses to start, in one line
         tiny = subprocess.run([sys.executable, "-m", "dsd_node.node_cli", "--role", "stage", "--layers", "auto",

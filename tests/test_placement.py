@@ -38,6 +38,7 @@ from dsd_node.p2p.placement import (
     span_fits,
 )
 from dsd_node.p2p.records import DOMAIN, RecordError, sign_record, verify_record
+from dsd_node.p2p.routing import build_route
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
             vocab_size=500)  # fmt: skip
@@ -151,7 +152,7 @@ def test_choose_span_closes_gaps_first() -> None:
     assert choose_span(recs, 8, 2) == (5, 7)  # the span closing the most uncovered layers
     assert choose_span(recs, 8, 4) == (2, 6)  # closes 2 uncovered layers, as (3,7) and (4,8) do: lowest start
     assert choose_span([(0, 2), (3, 8)], 8, 3) == (0, 3)  # a one-layer gap: aligned to its end, from the start
-    assert choose_span(recs, 8, 6) == (1, 7)  # both gaps at once
+    assert choose_span(recs, 8, 6) == (2, 8)  # both gaps at once, from a boundary ((1,7) would start inside (0,2))
     assert choose_span([], 8, 3) == (0, 3)  # empty network: from layer 0
     assert choose_span([(0, 3)], 8, 2) == (3, 5)
 
@@ -161,14 +162,17 @@ def test_choose_span_least_covered_when_no_gap() -> None:
     assert coverage(recs, 8) == [2, 2, 1, 1, 1, 2, 3, 3]
     assert choose_span(recs, 8, 2) == (2, 4)  # sum 2, lowest start among (2,4) and (3,5)
     assert choose_span(recs, 8, 3) == (2, 5)
-    assert choose_span(recs, 8, 1) == (2, 3)
-    assert choose_span([(0, 8)], 8, 3) == (0, 3)  # uniform coverage: lowest start
+    assert choose_span(recs, 8, 1) == (4, 5)  # the only 1-layer span that meets boundaries on both sides
+    # a stage runs exactly its layers: a 3-layer node cannot chain beside one 8-layer span
+    with pytest.raises(PlacementError, match="meets the announced spans' boundaries"):
+        choose_span([(0, 8)], 8, 3)
+    assert choose_span([(0, 8), (0, 4), (4, 8)], 8, 4) == (0, 4)  # a replica of an existing span: lowest start
 
 
 def test_choose_span_capacity_beyond_end_and_zero() -> None:
     assert choose_span([], 8, 20) == (0, 8)
     assert choose_span([(0, 8)], 8, 8) == (0, 8)
-    assert choose_span([(0, 6)], 8, 5) == (3, 8)  # a gap at the end: the span moves inside the model
+    assert choose_span([(0, 6)], 8, 5) == (6, 8)  # a gap at the end: the span shrinks to it, never off a boundary
     with pytest.raises(PlacementError, match="not enough memory for a single layer"):
         choose_span([], 8, 0)
 
@@ -192,9 +196,9 @@ def test_choose_span_skips_what_does_not_fit() -> None:
         return a > 0 and b < 8
 
     assert choose_span([], 8, 3, fits=no_ends) == (1, 4)
-    assert choose_span([(0, 8)], 8, 2, fits=no_ends) == (1, 3)
-    with pytest.raises(PlacementError, match="no span of 8 layers"):
-        choose_span([], 8, 8, fits=no_ends)
+    with pytest.raises(PlacementError, match="no span of at most 2 layers"):
+        choose_span([(0, 8)], 8, 2, fits=no_ends)  # nothing between 1 and 7 meets a boundary of (0, 8)
+    assert choose_span([(0, 8)], 8, 8) == (0, 8)
 
 
 def _node(ident: Identity, span: tuple[int, int], mem_mb: int = 0):
@@ -208,12 +212,17 @@ def test_sequential_heterogeneous_nodes_cover_every_layer(order: tuple[int, ...]
     records = []
     for cap in order:  # each node chooses after seeing the records of those before it
         ident = Identity.generate()
-        span = choose_span(records, 8, cap, salt=ident.peer_id if salted else "")
-        assert span[1] - span[0] == cap
+        try:
+            span = choose_span(records, 8, cap, salt=ident.peer_id if salted else "")
+        except PlacementError:  # only a node with nothing left it could chain into may refuse
+            assert min(coverage(records, 8)) >= 1
+            continue
+        assert 1 <= span[1] - span[0] <= cap
         records.append(_node(ident, span))
     assert min(coverage(records, 8)) >= 1
+    build_route(records, 8)  # and the spans chain: a route exists (RouteError otherwise)
     if order == (3, 2, 4, 1) and not salted:
-        assert [(r.layer_start, r.layer_end) for r in records] == [(0, 3), (3, 5), (4, 8), (0, 1)]
+        assert [(r.layer_start, r.layer_end) for r in records] == [(0, 3), (3, 5), (5, 8)]
 
 
 def test_plan_span_sizes_by_memory(target_config) -> None:
@@ -221,18 +230,22 @@ def test_plan_span_sizes_by_memory(target_config) -> None:
     head = edge_bytes(target_config, 4, False, True)
     reserve = 64 * 1024
     records = []
-    for n_layers in (3, 2, 4, 1):  # budgets that hold n layers and the embeddings/head beside them
+    for n_layers in (3, 2, 4):  # budgets that hold n layers and the embeddings/head beside them
         budget = n_layers * lb + head + reserve
         span = plan_span(records, target_config, 4, budget, kv_reserve_bytes=reserve)
         assert span_fits(target_config, 4, budget, *span, kv_reserve_bytes=reserve)
         ident = Identity.generate()
         records.append(_node(ident, span, budget // MIB))
-    assert [(r.layer_start, r.layer_end) for r in records] == [(0, 3), (3, 5), (4, 8), (0, 1)]
+    assert [(r.layer_start, r.layer_end) for r in records] == [(0, 3), (3, 5), (5, 8)]  # the third node shrinks to the gap
     assert min(coverage(records, 8)) == 1
+    build_route(records, 8)
     # memory for 3 layers but not the embeddings beside them: layer 0 is still closed, with fewer layers
     assert plan_span([], target_config, 4, 3 * lb + reserve, kv_reserve_bytes=reserve) == (0, 2)
-    # a node in a covered network takes the least covered layers, away from the ends when only that fits
-    assert plan_span([(0, 8)], target_config, 4, 3 * lb) == (1, 4)
+    # a one-layer node has no span that would chain beside them, and says so
+    with pytest.raises(PlacementError, match="meets the announced spans' boundaries"):
+        plan_span(records, target_config, 4, lb + head + reserve, kv_reserve_bytes=reserve)
+    # a node in a covered network replicates the least covered span that fits it
+    assert plan_span([(0, 8), (0, 4), (4, 8), (4, 8)], target_config, 4, 4 * lb + head) == (0, 4)
     # records for other roles or another model depth are ignored
     drafter = dataclasses.replace(records[0], role="drafter", layer_start=0, layer_end=8)
     assert coverage([drafter, (0, 12)], 8) == [1] * 8

@@ -133,8 +133,7 @@ class Node:
             raise SystemExit(2) from None
         threads = self.cfg.threads
         if not threads:  # the host's cores shared among its nodes, capped by the model's width
-            width = None if self.roles == ["bootstrap"] else getattr(load_config(self.cfg.model), "hidden_size", None)
-            threads = default_threads(nodes_on_this_host(), width)
+            threads = default_threads(nodes_on_this_host(), None if self.roles == ["bootstrap"] else model_width(self.cfg.model))
         torch.set_num_threads(threads)
         log.info("computing on %s with %d CPU threads", self.device, threads)
 
@@ -163,9 +162,9 @@ class Node:
                 name = cfg.drafter if "head" in self.roles else cfg.model
                 name = cfg.model if name == "self" else (name or "embedded:drafter")
                 self.drafter = Drafter(name, cfg.dtype, max_sessions=cfg.max_sessions, device=self.device)
+        except PlacementError:
+            raise
         except (ModelError, ValueError) as e:
-            if isinstance(e, PlacementError):
-                raise
             raise NodeStartError(str(e)) from e
         if self.stage is not None:
             self.tokens_per_s = measure_tokens_per_s(self.stage.runner)
@@ -333,6 +332,14 @@ def measure_tokens_per_s(runner: ShardRunner, n: int = 32) -> float:
         synchronize(sh.device)
         runner.end_session("__probe__")
     return n / max(1e-6, time.perf_counter() - t0)
+
+
+def model_width(model: str) -> int | None:
+    """The model's hidden size, or None when its config cannot be read (loading it later says why)."""
+    try:
+        return getattr(load_config(model), "hidden_size", None)
+    except (OSError, ValueError):
+        return None
 
 
 def nodes_on_this_host() -> int:

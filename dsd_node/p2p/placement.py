@@ -235,6 +235,23 @@ def coverage(records: Iterable[Any], num_layers: int) -> list[int]:
     return cov
 
 
+def boundaries(records: Iterable[Any], num_layers: int) -> set[int]:
+    """Layer indices where an announced span starts or ends (and both ends of the model)."""
+    out = {0, num_layers}
+    for r in records:
+        a, b = r if isinstance(r, tuple) else (r.layer_start, r.layer_end)
+        if isinstance(r, tuple) or (getattr(r, "role", "stage") == "stage"
+                                    and getattr(r, "num_layers", num_layers) == num_layers):
+            out |= {a, b}
+    return out
+
+
+def chains(a: int, b: int, cov: list[int], bounds: set[int]) -> bool:
+    """Whether a stage hosting [a, b) can sit in a route: a stage runs exactly its own layers, so each end must
+    meet an announced boundary, or face layers nobody hosts yet (a later node fills them up to this end)."""
+    return (a in bounds or cov[a - 1] == 0) and (b in bounds or cov[b] == 0)
+
+
 def _gaps(cov: list[int]) -> list[tuple[int, int]]:
     """Maximal runs [a, b) of layers with zero coverage."""
     gaps, i = [], 0
@@ -257,11 +274,12 @@ def _salted_pick(starts: list[int], salt: str) -> int:
     return min(starts, key=lambda s: (hashlib.sha256(f"{salt}\x00{s}".encode()).digest(), s))
 
 
-def _gap_span(cov: list[int], cap: int, salt: str, ok: Callable[[int, int], bool]) -> tuple[int, int] | None:
+def _gap_span(cov: list[int], cap: int, salt: str, ok: Callable[[int, int], bool],
+              bounds: set[int]) -> tuple[int, int] | None:
     """Rule 1 of :func:`choose_span`: the best span of ``cap`` layers aligned to a gap, None if none fits."""
     n = len(cov)
     starts = sorted({min(max(s, 0), n - cap) for a, b in _gaps(cov) for s in (a, b - cap)})
-    starts = [s for s in starts if ok(s, s + cap)]
+    starts = [s for s in starts if ok(s, s + cap) and chains(s, s + cap, cov, bounds)]
     if not starts:
         return None
     uncovered = {s: sum(1 for c in cov[s:s + cap] if c == 0) for s in starts}
@@ -280,33 +298,39 @@ def _check(num_layers: int, capacity: int) -> int:
 
 def choose_span(records: Iterable[Any], num_layers: int, capacity: int, *, salt: str = "",
                 fits: Callable[[int, int], bool] | None = None) -> tuple[int, int]:
-    """The span [a, b) of ``capacity`` layers (all of them when capacity >= num_layers) the network covers least.
+    """The span [a, b) of at most ``capacity`` layers (all of them when capacity >= num_layers) that the network
+    needs most.
 
-    ``records`` are the stage records already announced for the model (exclude this node's own). Rules, in order:
+    ``records`` are the stage records already announced for the model (exclude this node's own). Only spans that
+    can join a route are candidates (:func:`chains`): a stage runs exactly its layers, so a span starting or ending
+    inside another node's span, away from any boundary, would never chain. Rules, in order:
 
-    1. If some layers have no replica: candidates are the spans aligned to a gap (starting at a gap's first layer
-       or ending at its last, moved inside the model when they would run past an end, so a gap is never split in
-       two); the one covering the most uncovered layers wins, ties to the lowest start.
-    2. Else the span whose layers have the fewest replicas in total, ties to the lowest start.
+    1. If some layers have no replica: the longest span aligned to a gap (starting at a gap's first layer or
+       ending at its last, moved inside the model when it would run past an end, so a gap is never split in two)
+       that covers the most uncovered layers, ties to the lowest start.
+    2. Else the longest span whose layers have the fewest replicas in total, ties to the lowest start.
 
     ``salt`` (the node's peer id) breaks a tie by a stable hash instead of the lowest start, so nodes that choose at
     the same moment spread out; a unique best span is chosen whatever the salt. ``fits(a, b)`` drops candidates
-    that do not fit this node (e.g. a span holding the embeddings); when no gap-aligned candidate fits, rule 2 is
-    applied to the spans that do. Deterministic: same records, capacity and salt, same span.
+    that do not fit this node (e.g. a span holding the embeddings). Deterministic: same records, capacity and salt,
+    same span. PlacementError when no span chains and fits.
     """
     cap = _check(num_layers, capacity)
-    cov = coverage(records, num_layers)
+    records = list(records)
+    cov, bounds = coverage(records, num_layers), boundaries(records, num_layers)
     ok = fits or (lambda a, b: True)
-    span = _gap_span(cov, cap, salt, ok)
-    if span is not None:
-        return span
-    starts = [s for s in range(num_layers - cap + 1) if ok(s, s + cap)]
-    if not starts:
-        raise PlacementError(f"no span of {cap} layers fits this node")
-    load = {s: sum(cov[s:s + cap]) for s in starts}
-    least = min(load.values())
-    s = _salted_pick([s for s in starts if load[s] == least], salt)
-    return s, s + cap
+    for c in range(cap, 0, -1):
+        span = _gap_span(cov, c, salt, ok, bounds)
+        if span is not None:
+            return span
+    for c in range(cap, 0, -1):
+        starts = [s for s in range(num_layers - c + 1) if ok(s, s + c) and chains(s, s + c, cov, bounds)]
+        if starts:
+            load = {s: sum(cov[s:s + c]) for s in starts}
+            s = _salted_pick([s for s in starts if load[s] == min(load.values())], salt)
+            return s, s + c
+    raise PlacementError(f"no span of at most {cap} layers fits this node and meets the announced spans' "
+                         f"boundaries ({', '.join(map(str, sorted(bounds)))})")
 
 
 def plan_span(records: Iterable[Any], config: Any, dtype_bytes: int, budget_bytes: int, *,
@@ -336,18 +360,13 @@ def plan_span(records: Iterable[Any], config: Any, dtype_bytes: int, budget_byte
         return span_fits(config, dtype_bytes, budget_bytes, a, b, kv_reserve_bytes=kv_reserve_bytes,
                          kv_tokens=kv_tokens)
 
-    cov = coverage(records, n)
-    caps = range(min(cap, n), 0, -1)
-    for c in caps:
-        span = _gap_span(cov, c, salt, fits)
-        if span is not None:
-            return span
-    for c in caps:
-        try:
-            return choose_span(records, n, c, salt=salt, fits=fits)
-        except PlacementError:
-            continue
+    try:
+        return choose_span(records, n, cap, salt=salt, fits=fits)
+    except PlacementError as e:
+        if any(fits(a, a + 1) for a in range(n)):
+            raise
+        cause = e
     edges = max(edge_bytes(config, dtype_bytes, True, False), edge_bytes(config, dtype_bytes, False, True))
     raise PlacementError(f"not enough memory for any span of the model: {budget_bytes / MIB:.0f} MB free, one layer "
                          f"needs {per_layer / MIB:.0f} MB and every span touches the embeddings or LM head "
-                         f"({edges / MIB:.0f} MB){reserve}")
+                         f"({edges / MIB:.0f} MB){reserve}") from cause
