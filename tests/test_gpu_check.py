@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # about 70 s: the GPU check's code paths on a CPU
 def test_gpu_check_smoke(tmp_path):
     p = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--smoke", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHON": sys.executable})
