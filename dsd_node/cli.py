@@ -6,14 +6,16 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import grpc
 
 from dsd_node.engine.config import GenerationConfig, Stats
 from dsd_node.engine.local import LocalEngine
-from dsd_node.net.client import ClientError, ClientResult, DsdClient
+from dsd_node.net.client import ClientError, ClientResult, DsdClient, parse_gateway_address
 from dsd_node.net.grpc_util import Channels, query_info
 from dsd_node.ops.bench import register as register_bench
 from dsd_node.ops.compose import specs_from_compose
@@ -28,39 +30,58 @@ from dsd_node.ops.testnet import Testnet, plan, plan_discovery
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.gateway:
+        parse_gateway_address(args.gateway)  # ValueError: one line, exit code 2, before anything else
     cfg = generation_config(args)
-    if args.local:
-        if args.mode == "dsi":
-            print("note: --local runs every stage in one process, so dsi has no link latency to hide", file=sys.stderr)
-        eng = LocalEngine(args.model, None if args.mode == "ar" else args.drafter, args.stages, args.dtype,
-                          args.device, args.threads)
-        res = eng.generate(args.prompt, cfg)
-        if args.json:
-            print(json.dumps(res.as_dict()))
-        else:
-            print(args.prompt + res.text)
-            _print_stats(res.stats)
-        return 0
-    return asyncio.run(_generate_remote(args.gateway, args.prompt, cfg, args.json))
+    if not args.local:
+        return run_main(_generate_remote(args.gateway, args.prompt, cfg, args.json))
+    if args.mode == "dsi":
+        print("note: --local runs every stage in one process, so dsi has no link latency to hide", file=sys.stderr)
+    eng = LocalEngine(args.model, None if args.mode == "ar" else args.drafter, args.stages, args.dtype,
+                      args.device, args.threads)
+    res = asyncio.run(eng.generate_async(args.prompt, cfg))  # on this thread: Ctrl-C cancels it at once
+    if args.json:
+        print(json.dumps(res.as_dict()))
+    else:
+        print(args.prompt + res.text)
+        _print_stats(res.stats)
+    return 0
+
+
+def run_main(coro) -> int:
+    """asyncio.run(coro), where SIGTERM cancels it as Ctrl-C does and gives exit code 143 (Ctrl-C still
+    raises KeyboardInterrupt: 130 in main())."""
+    async def guarded() -> int:
+        task, terminated = asyncio.current_task(), asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: (terminated.set(), task.cancel()))
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if terminated.is_set():
+                return 143
+            raise
+
+    return asyncio.run(guarded())
 
 
 async def _generate_remote(gateway: str, prompt: str, cfg: GenerationConfig, as_json: bool) -> int:
     res = ClientResult()
+    pending = "" if as_json else prompt  # the prompt is echoed with the first text, not before a connection error
     async with DsdClient(gateway) as c:
         try:
-            if not as_json:
-                sys.stdout.write(prompt)
             async for chunk in c.stream(prompt, cfg, res):
                 if not as_json:
-                    sys.stdout.write(chunk.text)
+                    sys.stdout.write(pending + chunk.text)
                     sys.stdout.flush()
+                    pending = ""
         except ClientError as e:
-            print(f"\ndsd: generation failed: {e}", file=sys.stderr)
+            newline = "" if pending or as_json else "\n"  # end the streamed text's line first
+            print(f"{newline}dsd: generation failed: {e}", file=sys.stderr)
             return 1
     if as_json:
         print(json.dumps(res.as_dict()))
     else:
-        print()
+        print(pending)
         _print_stats(res.stats)
     return 0
 
@@ -75,6 +96,7 @@ def _print_stats(st: Stats | None) -> None:
 
 def cmd_testnet(args: argparse.Namespace) -> int:
     wired = args.no_discovery or args.link_delay_ms > 0 or args.colocate
+    key_dir = Path(tempfile.mkdtemp(prefix="dsd-keys-"))  # removed with the testnet (discovery's node keys)
     if args.from_file:
         specs = specs_from_compose(Path(args.from_file), threads=args.threads)  # the file's own devices
         wired = False
@@ -85,10 +107,10 @@ def cmd_testnet(args: argparse.Namespace) -> int:
         what = f"{args.stages} stages + drafter + head, wired by address"
     else:
         specs = plan_discovery(args.stages, args.replicas, args.model, args.drafter, threads=args.threads,
-                               extra=node_compute_args(args))
+                               extra=node_compute_args(args), key_dir=key_dir)
         what = (f"bootstrap + {args.stages} shards x {args.replicas} replicas + drafter + head, "
                 "found through libp2p discovery")
-    net = Testnet(specs, log_dir=args.log_dir)
+    net = Testnet(specs, log_dir=args.log_dir, temp_dirs=[key_dir])
     print(f"starting testnet: {what} (logs in {net.log_dir})", file=sys.stderr)
 
     async def body() -> int:
@@ -123,13 +145,27 @@ def cmd_testnet(args: argparse.Namespace) -> int:
                 print(f"dsd: {', '.join(dead)} exited; stopping the testnet", file=sys.stderr)
                 return 1
 
+    code = 1  # if body() raises
     try:
-        return asyncio.run(body())
+        code = run_main(body())
     except KeyboardInterrupt:
-        print("\nstopping testnet", file=sys.stderr)
-        return 0
+        code = 130
     finally:
+        if code in (130, 143):
+            print("\ndsd: interrupted: stopping the testnet", file=sys.stderr)
+        _stop_testnet(net)
+    return code
+
+
+def _stop_testnet(net: Testnet) -> None:
+    """Stop every node and remove the temp dirs, with Ctrl-C and SIGTERM ignored meanwhile (no orphans)."""
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
         net.down()
+        net.remove_temp_dirs()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -223,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:  # bad flag values, bad models: one line, no traceback
         print(f"dsd: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
+        print("\ndsd: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

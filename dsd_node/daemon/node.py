@@ -219,6 +219,8 @@ class Node:
         if not ("bootstrap" in self.roles or cfg.bootstrap or cfg.listen_p2p):
             return
         listen_p2p = cfg.listen_p2p or ("/ip4/0.0.0.0/tcp/4001" if "bootstrap" in self.roles else None)
+        # py-libp2p logs every failed re-dial of a peer that left (e.g. after `dsd route`) several times a minute
+        logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
         self.discovery = await start_discovery(cfg.identity, self.role, listen_p2p, cfg.bootstrap)
         print(f"dsd-node p2p: peer id {self.discovery.peer_id} listening on {' '.join(self.discovery.listen_addrs)}",
               flush=True)

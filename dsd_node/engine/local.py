@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ class LocalPipeline:
             if not isinstance(out, RoundMsg):
                 break
             out = stage.handle(out)
+            await asyncio.sleep(0)  # yield to the loop between stages: Ctrl-C and other tasks get their turn
         if isinstance(out, VerdictMsg):
             self.verdicts.put_nowait(out)
 
@@ -120,4 +122,11 @@ class LocalEngine:
         return GenerationResult(self.tokenizer.decode(tokens), tokens, head.stats, ids)
 
     def generate(self, prompt: str | list[int], cfg: GenerationConfig, **kw) -> GenerationResult:
-        return asyncio.run(self.generate_async(prompt, cfg, **kw))
+        """The blocking form of generate_async, for scripts; inside a running event loop (Jupyter,
+        `python -m asyncio`) it runs the generation on a worker thread with its own loop."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.generate_async(prompt, cfg, **kw))
+        with ThreadPoolExecutor(1, thread_name_prefix="dsd-generate") as pool:
+            return pool.submit(asyncio.run, self.generate_async(prompt, cfg, **kw)).result()

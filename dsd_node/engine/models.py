@@ -8,6 +8,7 @@ shape loads without new code; a family without it gets an error naming what is m
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -35,6 +36,8 @@ def resolve_model_path(source: str) -> Path:
             raise ModelError(f"unknown embedded model {source!r} (have embedded:target, embedded:drafter)")
         return path
     path = Path(source).expanduser()
+    if not path.exists() and looks_like_path(source):
+        raise ModelError(f"no such directory: {source}")
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelError(f"{path} has no config.json: not a Hugging Face model directory")
@@ -45,6 +48,12 @@ def resolve_model_path(source: str) -> Path:
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as e:  # network, auth, unknown repo: one clear message
         raise ModelError(f"cannot load model {source!r}: not a local directory, and the hub said: {e}") from e
+
+
+def looks_like_path(source: str) -> bool:
+    """"./x", "../x", "/x", "~/x", ".", or more than one separator: a path (a hub id is "org/name" or "name")."""
+    return source in (".", "..") or source.startswith(("./", "../", "/", "~")) or source.count("/") > 1 \
+        or (os.sep != "/" and os.sep in source)
 
 
 def load_tokenizer(source: str):

@@ -13,11 +13,28 @@ from dsd_node.net.wire import generate_request_to_pb, stats_from_pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
 
+def parse_gateway_address(address: str) -> str:
+    """Check that `address` is HOST:PORT (IPv6 as [::1]:PORT) and return it; ValueError with a one-line reason."""
+    if "://" in address:
+        raise ValueError(f"gateway address {address!r}: give HOST:PORT, without a scheme such as http://")
+    host, sep, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    if not sep or not host or (":" in host or "[" in host) and not bracketed:
+        raise ValueError(f"gateway address {address!r}: give HOST:PORT, e.g. 127.0.0.1:6000 (the port is required)")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"gateway address {address!r}: the port must be a number from 1 to 65535")
+    return address
+
+
 class ClientError(RuntimeError):
     """A generation the gateway refused or could not finish; `code` is the gRPC status."""
 
     def __init__(self, code: grpc.StatusCode, details: str, address: str):
         self.code, self.details = code, details
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            super().__init__(f"{address} is not a dsd gateway (it answers gRPC but has no Gateway service: "
+                             "a stage's address?)")
+            return
         hint = " (is the gateway running at that address?)" if code == grpc.StatusCode.UNAVAILABLE else ""
         super().__init__(f"{code.name}: {details}{hint}" if details else f"{code.name} from {address}{hint}")
 
@@ -39,10 +56,11 @@ class ClientResult:
 
 
 class DsdClient:
-    """`async with DsdClient("127.0.0.1:6000") as c: r = await c.generate("def f(", GenerationConfig(mode="si"))`."""
+    """`async with DsdClient("127.0.0.1:6000") as c: r = await c.generate("def f(", GenerationConfig(mode="si"))`
+    (inside an `async def`; ValueError for an address that is not HOST:PORT)."""
 
     def __init__(self, gateway: str, timeout_s: float | None = None):
-        self.gateway = gateway
+        self.gateway = parse_gateway_address(gateway)
         self.timeout_s = timeout_s
         self.channel = grpc.aio.insecure_channel(gateway, options=GRPC_OPTIONS)
         self.stub = rpc.GatewayStub(self.channel)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,9 +116,13 @@ class Testnet:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, specs: list[NodeSpec], log_dir: Path | None = None, quiet: bool = True):
+    def __init__(self, specs: list[NodeSpec], log_dir: Path | None = None, quiet: bool = True,
+                 temp_dirs: list[Path] | None = None):
+        """temp_dirs: folders remove_temp_dirs() deletes (e.g. plan_discovery's key_dir), with the log folder
+        when it is a temporary one (no log_dir given)."""
         self.specs = specs
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="dsd-testnet-"))
+        self.temp_dirs = [Path(d) for d in temp_dirs or []] + ([] if log_dir else [self.log_dir])
         self.quiet = quiet
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -180,6 +185,11 @@ class Testnet:
                 p.kill()
                 p.wait()
 
+    def remove_temp_dirs(self) -> None:
+        """Delete the temporary folders (logs, private keys); call after down()."""
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
     async def __aenter__(self) -> Testnet:
         try:
             await self.up()
@@ -190,6 +200,7 @@ class Testnet:
 
     async def __aexit__(self, *exc) -> None:
         self.down()
+        self.remove_temp_dirs()
 
 
 async def _wait_tcp(address: str, timeout: float = 2.0) -> None:
