@@ -96,9 +96,9 @@ def _print_stats(st: Stats | None) -> None:
 
 def cmd_testnet(args: argparse.Namespace) -> int:
     wired = args.no_discovery or args.link_delay_ms > 0 or args.colocate
-    key_dir = Path(tempfile.mkdtemp(prefix="dsd-keys-"))  # removed with the testnet (discovery's node keys)
+    key_dir = Path(tempfile.mkdtemp(prefix="dsd-keys-"))  # removed with the testnet (the nodes' keys)
     if args.from_file:
-        specs = specs_from_compose(Path(args.from_file), threads=args.threads)  # the file's own devices
+        specs = specs_from_compose(Path(args.from_file), threads=args.threads, workdir=key_dir)  # its own devices
         wired = False
         what = f"every service of {args.from_file} as a local process ({', '.join(s.name for s in specs)})"
     elif wired:
