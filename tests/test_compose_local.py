@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow  # starts node processes / network
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.extended  # 36 s; the docker tier runs the same file in containers
 async def test_compose_services_as_local_processes_match_hf_generate(reference, tokenizer, tmp_path):
     specs = specs_from_compose(ROOT / "docker-compose.yml", threads=1, workdir=tmp_path)
     assert {s.name for s in specs} == {"bootstrap", "stage0", "stage1", "stage2", "stage3", "gateway"}

@@ -74,6 +74,7 @@ async def _records_visible(bootstrap: str, n: int, timeout_s: float = 60.0) -> N
         await d.stop()
 
 
+@pytest.mark.extended  # 80-190 s: nodes start one by one (tests/test_placement.py covers the rules in 6 s)
 async def test_layers_auto_covers_the_model_by_memory_and_generates_exactly(reference, tokenizer, tmp_path):
     # 8 layers of 2.25 MB (float32), embeddings and LM head 2 MB each; 10% of the cap is kept for KV caches.
     # Nodes start one by one, each placing its span where the others leave layers uncovered.
