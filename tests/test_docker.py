@@ -24,6 +24,7 @@ SKIP = 77
 
 
 @pytest.mark.docker
+@pytest.mark.slow  # so that -m "not slow" (which replaces the default -m) leaves it out too
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_compose_testnet_end_to_end() -> None:
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=3600)
