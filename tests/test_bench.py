@@ -102,6 +102,7 @@ def test_plan_runs_ar_once_per_stage_count_and_delay():
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # 30-40 s of testnets; `dsd bench --quick` checks the same formula at full size
 def test_tiny_sweep_through_real_processes(tmp_path):
     """N=2, t1 in {0, 20} ms, oracle k=2, ar and si, one prompt, 16 tokens: two testnets, well under 90 s.
 

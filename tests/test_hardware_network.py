@@ -40,6 +40,7 @@ def test_an_absent_device_is_a_one_line_error_before_the_node_starts(device):
     assert "Traceback" not in p.stderr + p.stdout and "ready" not in p.stdout  # nothing started half-way
 
 
+@pytest.mark.extended  # 30-100 s; tests/test_precision.py checks bf16 agreement in one process by default
 async def test_bf16_stages_agree_with_hf_generate_in_bf16(target_path, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.bfloat16).eval()
     prompts = PROMPTS[:3]

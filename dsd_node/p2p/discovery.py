@@ -204,6 +204,7 @@ class Discovery(TrioPeer):
                     if p.addrs:
                         dht.host.get_peerstore().add_addrs(p.peer_id, p.addrs, 600)
 
+        closest: list[ID] = []  # a lookup that times out leaves it empty: the local providers still count
         with trio.move_on_after(self.query_timeout_s):
             closest = await dht.peer_routing.find_closest_peers_network(mkey)
         async with trio.open_nursery() as nursery:
