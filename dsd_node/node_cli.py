@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stage with --layers auto: memory this node may use for its shard and KV caches (0: all free)")
     ap.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:0, a free port)")
     ap.add_argument("--advertise", help="address other nodes should use to reach this one (default: --listen)")
-    ap.add_argument("--drafter", help="head: draft model to run in this process (hub id, path, embedded:drafter, self)")
+    ap.add_argument("--drafter", help="head: draft model to run in this process (hub id, path, embedded:drafter, self, "
+                                      "or oracle:ALPHA: the target keeping its own token with probability ALPHA); "
+                                      "drafter node: self or oracle:ALPHA drafts with --model as that oracle")
     ap.add_argument("--drafter-addr", dest="drafter_addr", help="head: address of a drafter node")
     ap.add_argument("--route", help="head: comma-separated stage addresses, first stage first (or use --bootstrap)")
     ap.add_argument("--device", help="where to compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps "

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2
 
 from dsd_node import __version__
 from dsd_node.daemon.config import NodeConfig
+from dsd_node.engine.config import DrafterSpec
 from dsd_node.engine.device import (
     DeviceError,
     checkpoint_dtype,
@@ -159,9 +160,9 @@ class Node:
                 runner = ShardRunner(shard, max_sessions=cfg.max_sessions, max_kv_bytes=(cfg.max_kv_mb << 20) or None)
                 self.stage = StageHandler(runner, low_importance=(lambda: low_importance_mask(tok)) if tok else None)
             if "drafter" in self.roles or ("head" in self.roles and cfg.drafter):
-                name = cfg.drafter if "head" in self.roles else cfg.model
-                name = cfg.model if name == "self" else (name or "embedded:drafter")
-                self.drafter = Drafter(name, cfg.dtype, max_sessions=cfg.max_sessions, device=self.device)
+                spec = self.drafter_spec()
+                self.drafter = Drafter(spec.source, cfg.dtype, max_sessions=cfg.max_sessions, device=self.device,
+                                       oracle_alpha=spec.oracle_alpha)
         except PlacementError:
             raise
         except (ModelError, ValueError) as e:
@@ -257,14 +258,20 @@ class Node:
         print("dsd-node route: " + " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in route), flush=True)
         return True
 
+    def drafter_spec(self) -> DrafterSpec:
+        """The head's --drafter (default embedded:drafter); a drafter node drafts with --drafter, else --model."""
+        if "head" in self.roles:
+            return DrafterSpec.parse(self.cfg.drafter or "embedded:drafter", self.cfg.model)
+        return DrafterSpec.parse(self.cfg.drafter or self.cfg.model, self.cfg.model)
+
     async def gateway_config(self) -> GatewayConfig:
         cfg = self.cfg
         tok = load_tokenizer(cfg.model)
         if cfg.drafter_addr:
             drafter = RemoteDraftSource(self.channels.get(cfg.drafter_addr), cfg.drafter_addr)
         elif self.drafter is not None:
-            if cfg.drafter not in (None, "self", cfg.model):
-                check_same_tokenizer(tok, load_tokenizer(cfg.drafter), cfg.model, cfg.drafter)
+            if not (spec := self.drafter_spec()).is_target:
+                check_same_tokenizer(tok, load_tokenizer(spec.source), cfg.model, spec.source)
             drafter = LocalDraftSource(self.drafter)
         else:
             drafter = None

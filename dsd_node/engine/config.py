@@ -110,3 +110,31 @@ class Stats:
                 "new_tokens": self.new_tokens, "tokens_per_s": round(self.tokens_per_s, 2),
                 "ms_per_token": round(self.ms_per_token, 3), "draft_ms": round(self.draft_ms, 2),
                 "wall_ms": round(self.wall_ms, 2), "failovers": self.failovers}
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """What `--drafter` names: a model (hub id, path, embedded:drafter) or the target as a calibrated oracle."""
+
+    source: str
+    oracle_alpha: float | None = None  # the target as an oracle (self = 1.0); None: `source` as it is
+
+    @staticmethod
+    def parse(name: str, target: str) -> DrafterSpec:
+        """'self' / 'oracle' -> the target as it is; 'oracle:0.7' -> the target, each token kept with p = 0.7."""
+        if name in ("self", "oracle"):
+            return DrafterSpec(target, 1.0)
+        if name.startswith("oracle:"):
+            try:
+                alpha = float(name.removeprefix("oracle:"))
+            except ValueError:
+                alpha = -1.0
+            if not 0.0 <= alpha <= 1.0:
+                raise ValueError(f"bad drafter {name!r}: oracle:ALPHA needs 0 <= ALPHA <= 1 (e.g. oracle:0.7)")
+            return DrafterSpec(target, alpha)
+        return DrafterSpec(name)
+
+    @property
+    def is_target(self) -> bool:
+        """Drafts with the target itself (self, oracle, oracle:ALPHA)."""
+        return self.oracle_alpha is not None

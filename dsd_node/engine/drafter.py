@@ -11,6 +11,15 @@ context, so a round costs one forward pass per drafted token.
 
 The drafter is the whole model as one shard (dsd_node.engine.models.load_shard): built on the meta
 device and read from safetensors straight onto its device, where its cache, logits and sampling stay.
+
+A calibrated drafter for benchmarks and tests (config.DrafterSpec): `oracle:ALPHA` drafts with the
+target itself and, at each position, with probability ALPHA keeps its greedy token; otherwise it
+proposes the next-best one and keeps the target's token out of that level's alternatives too, so a
+greedy draft of depth k commits (1 - ALPHA^(k+1)) / (1 - ALPHA) tokens per round on average whatever
+the tree's width. When sampling, the draws come from the target's distribution with probability ALPHA
+and otherwise from it without its likeliest token (verification stays lossless: each node carries the
+distribution it was drawn from). The coin of position p is a hash of (seed, p): the same context gives
+the same draft in every process. `self` is `oracle:1`.
 """
 
 from __future__ import annotations
@@ -27,6 +36,14 @@ from dsd_node.engine.models import load_shard
 from dsd_node.engine.shard_runner import run_shard
 from dsd_node.engine.tree import SparseDist, TokenTree, tree_attention
 from dsd_node.engine.verify import Rule, SamplingParams, target_probs
+
+
+def _unit(seed: int, position: int) -> float:
+    """A uniform number in [0, 1) from (seed, position): splitmix64, the same in every process."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
 
 
 @dataclass
@@ -54,8 +71,9 @@ class _DraftSession:
 
 class Drafter:
     def __init__(self, source: str, dtype: str | torch.dtype = "float32", max_sessions: int = 64,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", oracle_alpha: float | None = None):
         self.model_id = source
+        self.oracle_alpha = oracle_alpha  # see DrafterSpec: None drafts with the model as it is
         self.shard = load_shard(source, 0, None, dtype, device)  # every layer, embeddings and head
         self.device, self.dtype = self.shard.device, self.shard.dtype
         self.vocab_size = self.shard.head.weight.shape[0]
@@ -111,12 +129,17 @@ class Drafter:
         for level in range(depth):
             n_alt = min(alt_budget, shape.branch if level < shape.branch_depth else 0)
             alt_budget -= n_alt
+            miss = self._oracle_misses(req.sampling.seed, len(req.context) + level)
             if sample:  # the token and its alternatives drawn i.i.d. from q, as multi-step speculative sampling needs
                 q = target_probs(logits, req.sampling)
+                if miss:  # an oracle's miss: q without the target's likeliest token
+                    q = q.clone()
+                    q[torch.argmax(q)] = 0.0
+                    q = q / q.sum() if q.sum() > 0 else torch.full_like(q, 1.0 / q.numel())
                 drawn = torch.multinomial(q.to(s.rng.device), 1 + n_alt, replacement=True, generator=s.rng).tolist()
                 dists += [SparseDist.from_probs(q)] * (1 + n_alt)
             else:
-                drawn = torch.topk(logits, 1 + n_alt).indices.tolist()
+                drawn = torch.topk(logits, min(2 + n_alt, logits.numel())).indices.tolist()[miss:][: 1 + n_alt]
             tok, alts = drawn[0], drawn[1:]
             main.append(len(tokens))
             tokens.append(tok)
@@ -128,3 +151,7 @@ class Drafter:
             if level + 1 < depth:
                 logits = self._feed(s, [tok])
         return Draft(TokenTree(tokens, parents, 0, dists), main, (time.perf_counter() - t0) * 1e3)
+
+    def _oracle_misses(self, seed: int, position: int) -> int:
+        """1 where an oracle drafter replaces the target's token at `position`, else 0."""
+        return int(self.oracle_alpha is not None and _unit(seed, position) >= self.oracle_alpha)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsd_node.engine.config import GenerationConfig, Stats
+from dsd_node.engine.config import DrafterSpec, GenerationConfig, Stats
 from dsd_node.engine.device import default_threads, resolve_device
 from dsd_node.engine.drafter import Draft, Drafter, DraftRequest
 from dsd_node.engine.head import Head
@@ -77,7 +77,7 @@ class GenerationResult:
 
 
 class LocalEngine:
-    """Target cut into `stages` in-process shards, plus a drafter ("self" drafts with the target).
+    """Target cut into `stages` in-process shards, plus a drafter ("self" drafts with the target, "oracle:ALPHA" with a calibrated acceptance).
 
     device: auto | cpu | cuda | cuda:N | mps; dtype: auto | bfloat16 | float16 | float32 (auto: the checkpoint's
     on a GPU, float32 on a CPU; see dsd_node.engine.device). threads: torch CPU threads for this process
@@ -89,8 +89,9 @@ class LocalEngine:
             torch.set_num_threads(threads or default_threads(1, getattr(load_config(model), "hidden_size", None)))
         dev = resolve_device(device)
         self.tokenizer = load_tokenizer(model)
-        if drafter and drafter not in ("self", model):
-            check_same_tokenizer(self.tokenizer, load_tokenizer(drafter), model, drafter)
+        spec = DrafterSpec.parse(drafter, model) if drafter else None
+        if spec and not spec.is_target:
+            check_same_tokenizer(self.tokenizer, load_tokenizer(spec.source), model, spec.source)
         ranges = split_layers(model_num_layers(model), stages)
         self.handlers = [StageHandler(ShardRunner(load_shard(model, a, b, dtype, dev)),
                                       low_importance=lambda: low_importance_mask(self.tokenizer)) for a, b in ranges]
@@ -98,7 +99,7 @@ class LocalEngine:
         self.device, self.dtype = first.device, first.dtype
         self.max_positions = max_positions(first.config)
         self.pipeline = LocalPipeline(self.handlers)
-        self.drafter = Drafter(model if drafter == "self" else drafter, dtype, device=dev) if drafter else None
+        self.drafter = Drafter(spec.source, dtype, device=dev, oracle_alpha=spec.oracle_alpha) if spec else None
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]

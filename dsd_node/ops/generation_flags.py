@@ -62,7 +62,7 @@ def add_generate_command(sub) -> argparse.ArgumentParser:
     where.add_argument("--local", action="store_true", help="run the whole engine in this process")
     where.add_argument("--gateway", metavar="HOST:PORT", help="address of a head node")
     g.add_argument("--model", default="embedded:target", help="--local: target model (hub id, path, embedded:target)")
-    g.add_argument("--drafter", default="embedded:drafter", help="--local: draft model (hub id, path, embedded:drafter, self)")
+    g.add_argument("--drafter", default="embedded:drafter", help="--local: draft model (hub id, path, embedded:drafter, self, oracle:ALPHA)")
     g.add_argument("--stages", type=int, default=2, help="--local: number of pipeline shards to cut (default 2)")
     add_compute_flags(g, "--local: torch threads (default 0: the cores of this machine, at most one per 512 of the "
                          "model's hidden size)")

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsd_node.engine.config import DrafterSpec
 from dsd_node.engine.models import model_num_layers, split_layers
 from dsd_node.net.grpc_util import wait_healthy
 from dsd_node.p2p.identity import load_or_create_identity
@@ -56,7 +57,7 @@ def plan(stages: int, model: str = "embedded:target", drafter: str | None = "emb
     else:
         head_args = ["--role", "head"]
         if drafter:
-            specs.append(_drafter(model=drafter, threads=threads, extra=extra))
+            specs.append(_drafter(drafter, model, threads=threads, extra=extra))
             head_args += ["--drafter-addr", specs[-1].address]
     head_args += ["--route", ",".join(route)]
     specs.append(_head(head_args, model, threads, extra, env))
@@ -88,7 +89,7 @@ def plan_discovery(stages: int, replicas: int = 1, model: str = "embedded:target
             specs.append(_stage(name, model, a, b, threads, [*extra, *p2p(name)], {}))
     head_args = ["--role", "head"]
     if drafter:
-        specs.append(_drafter(model=drafter, threads=threads, extra=[*extra, *p2p("drafter")]))
+        specs.append(_drafter(drafter, model, threads=threads, extra=[*extra, *p2p("drafter")]))
         head_args += ["--drafter-addr", specs[-1].address]
     specs.append(_head([*head_args, *p2p("head")], model, threads, extra, {}))
     return specs
@@ -100,10 +101,11 @@ def _stage(name: str, model: str, a: int, b: int, threads: int, extra: list[str]
                            "--threads", str(threads), *extra], addr, env)
 
 
-def _drafter(model: str, threads: int, extra: list[str]) -> NodeSpec:
+def _drafter(drafter: str, target: str, threads: int, extra: list[str]) -> NodeSpec:
+    """A drafter node running `drafter`; self / oracle:ALPHA run the target itself as the oracle."""
     addr = f"127.0.0.1:{free_port()}"
-    return NodeSpec("drafter", ["--role", "drafter", "--model", model, "--listen", addr, "--threads", str(threads),
-                                *extra], addr)
+    model = ["--model", target, "--drafter", drafter] if DrafterSpec.parse(drafter, target).is_target else ["--model", drafter]
+    return NodeSpec("drafter", ["--role", "drafter", *model, "--listen", addr, "--threads", str(threads), *extra], addr)
 
 
 def _head(args: list[str], model: str, threads: int, extra: list[str], env: dict[str, str]) -> NodeSpec:

@@ -29,8 +29,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from dsd_node.ops.bench.plan import QUICK, BenchConfig, Cell
-from dsd_node.ops.bench.report import explain_misses, headline_lines, markdown_table
+from dsd_node.ops.bench.plan import ALPHA_SWEEP, QUICK, BenchConfig, Cell
+from dsd_node.ops.bench.report import explain_misses, headline_lines, markdown_table, theory_lines
 from dsd_node.ops.bench.run import Progress, run_bench
 
 
@@ -51,12 +51,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     ap.add_argument("--quick", action="store_true",
                     help="a short sweep (N 2,4; t1 0,25; k 4; oracle+embedded; 2 prompts; 32 tokens): a few minutes")
+    ap.add_argument("--alpha-sweep", action="store_true",
+                    help="the calibrated-drafter sweep (N 4; t1 0,25; k 4; drafters oracle:0.5 ... oracle:0.9; "
+                         "2 prompts; 32 tokens): measured tau and dsi/si against the theory table's predictions")
     ap.add_argument("--stages", type=_ints, help=f"pipeline stage counts N (default {_csv(d.stages)})")
     ap.add_argument("--t1", type=_floats, dest="t1_ms", help=f"one-way link delays in ms (default {_csv(d.t1_ms)})")
     ap.add_argument("--k", type=_ints, dest="ks", help=f"draft depths: drafts per round (default {_csv(d.ks)})")
     ap.add_argument("--modes", type=_names, help=f"modes (default {_csv(d.modes)})")
     ap.add_argument("--drafters", type=_names, help="embedded (the embedded drafter or --draft-model), oracle (the "
-                                                    "target drafts for itself: tau = k+1) (default both)")
+                                                    "target drafts for itself: tau = k+1), oracle:ALPHA (the target's "
+                                                    "token kept with probability ALPHA) (default embedded,oracle)")
     ap.add_argument("--prompts", type=int, help=f"HumanEval prompts, a seeded subset (default {d.prompts})")
     ap.add_argument("--prompt-set", choices=["humaneval", "builtin"], help="prompt source (default humaneval)")
     ap.add_argument("--repeats", type=int, help="generations per prompt and cell (default 1)")
@@ -85,7 +89,7 @@ def _csv(xs: Iterable) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    cfg = BenchConfig(**(QUICK if args.quick else {}))
+    cfg = BenchConfig(**(ALPHA_SWEEP if getattr(args, "alpha_sweep", False) else QUICK if args.quick else {}))
     for name in BenchConfig.__dataclass_fields__:
         value = getattr(args, name, None)
         if value is not None:
@@ -106,6 +110,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(markdown_table(cells))
     print()
     print("\n".join(headline_lines(results["headline"], results["baseline"])))
+    if theory := results.get("theory"):
+        print("\n" + "\n".join(theory_lines(theory)))
     misses = explain_misses(cells)
     if misses:
         print("\nCells that miss the prediction:\n" + "\n".join(misses))

@@ -4,6 +4,7 @@ L*t1*(1 - 1/tau), and the check of each measured cell against them (see the pack
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -20,6 +21,39 @@ def tau_from_accepted(accepted_per_round: Sequence[int]) -> float:
 def oracle_tau(k: int) -> float:
     """Tokens per round of a drafter that is always right: k accepted drafts plus the target's own next token."""
     return float(k + 1)
+
+
+def oracle_alpha(drafter: str | None) -> float | None:
+    """ALPHA of a calibrated drafter name ('oracle' = 1.0, 'oracle:0.7' = 0.7); None for any other drafter."""
+    if drafter == "oracle":
+        return 1.0
+    if drafter and drafter.startswith("oracle:"):
+        return float(drafter.removeprefix("oracle:"))
+    return None
+
+
+def expected_tau(alpha: float, k: int) -> float:
+    """Tokens per round when each of k drafts is right with probability alpha (stopping at the first miss),
+    plus the target's own token: 1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha)."""
+    return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def predicted_dsi_over_si(alpha: float, k: int, max_inflight: int, round_ms: float, compute_ms: float,
+                          min_valid_prob: float = 0.35) -> float:
+    """A first-order model of our dsi against si (in the spirit of the DSI paper's analysis).
+
+    A dsi round drafted on top of the round in flight is usable when that round is accepted whole and its
+    next token guessed: p = alpha^(k+1). The head keeps m rounds in flight while p^(m-1) >= min_valid_prob
+    (at most max_inflight). si waits a whole round (round_ms: links + compute) per verdict; along a chain of
+    usable rounds dsi gets a verdict every max(round_ms / m, compute_ms) (one round's compute cannot overlap
+    itself on a machine this small), and after a wasted one it waits a whole round again:
+    dsi / si = round_ms / (p * max(round_ms / m, compute_ms) + (1 - p) * round_ms)."""
+    p = min(alpha, 1.0) ** (k + 1)
+    m = max_inflight if p >= 1.0 else 1 + (math.floor(math.log(min_valid_prob) / math.log(p)) if p > 0 else 0)
+    m = max(1, min(max_inflight, m))
+    if m == 1 or round_ms <= 0:
+        return 1.0
+    return round_ms / (p * max(round_ms / m, compute_ms) + (1.0 - p) * round_ms)
 
 
 def link_ms_per_token(links: int, t1_ms: float, tau: float) -> float:

@@ -59,7 +59,7 @@ class BenchConfig:
     out: Path = field(default_factory=lambda: Path("results") / f"bench-{datetime.now():%Y%m%d-%H%M%S}")
 
     def drafter_source(self, name: str) -> str:
-        return self.draft_model if name == "embedded" else DRAFTERS[name]
+        return self.draft_model if name == "embedded" else DRAFTERS.get(name, name)  # oracle:ALPHA as it is
 
     def validate(self) -> None:
         if not self.stages or min(self.stages) < 1:
@@ -70,8 +70,9 @@ class BenchConfig:
             raise ValueError("--k needs draft depths >= 1")
         if bad := [m for m in self.modes if m not in MODES]:
             raise ValueError(f"unknown mode(s) {bad} (choose from {', '.join(MODES)})")
-        if bad := [d for d in self.drafters if d not in DRAFTERS]:
-            raise ValueError(f"unknown drafter(s) {bad} (choose from {', '.join(DRAFTERS)})")
+        if bad := [d for d in self.drafters if d not in DRAFTERS and not _is_oracle_alpha(d)]:
+            raise ValueError(f"unknown drafter(s) {bad} (choose from {', '.join(DRAFTERS)}, oracle:ALPHA with "
+                             "0 <= ALPHA <= 1)")
         if any(m != "ar" for m in self.modes) and not self.drafters:
             raise ValueError("si and dsi need at least one drafter")
         if self.prompts < 1 or self.repeats < 1 or self.max_new_tokens < 2:
@@ -87,8 +88,18 @@ class BenchConfig:
         return d
 
 
+def _is_oracle_alpha(name: str) -> bool:
+    try:
+        return name.startswith("oracle:") and 0.0 <= float(name.removeprefix("oracle:")) <= 1.0
+    except ValueError:
+        return False
+
+
 QUICK = {"stages": [2, 4], "t1_ms": [0.0, 25.0], "ks": [4], "drafters": ["oracle", "embedded"], "prompts": 2,
          "max_new_tokens": 32, "settle_s": 1.0}  # --quick: about 4 minutes on 2 cores
+ALPHAS = [0.5, 0.6, 0.7, 0.8, 0.9]
+ALPHA_SWEEP = {"stages": [4], "t1_ms": [0.0, 25.0], "ks": [4], "drafters": [f"oracle:{a:g}" for a in ALPHAS],
+               "prompts": 2, "max_new_tokens": 32, "settle_s": 1.0}  # --alpha-sweep: the theory table
 
 
 # ---------------------------------------------------------------------------------------------------------------------

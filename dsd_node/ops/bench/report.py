@@ -7,7 +7,13 @@ from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
-from dsd_node.ops.bench.formula import MIN_CHECKED_T1_MS, link_ms_per_token
+from dsd_node.ops.bench.formula import (
+    MIN_CHECKED_T1_MS,
+    expected_tau,
+    link_ms_per_token,
+    oracle_alpha,
+    predicted_dsi_over_si,
+)
 from dsd_node.ops.bench.plan import SLOW_THRESHOLD, BenchConfig, Cell
 
 HEADLINE_STAGES, HEADLINE_T1_MS, HEADLINE_DRAFTER = 4, 25.0, "embedded"
@@ -61,6 +67,38 @@ def overhead_vs_hf(cells: list[Cell], baseline: dict | None, cfg: BenchConfig) -
             row[f"{mode}_over_hf_assisted"] = _ratio(best.ms_per_token, asst) if best else None
             row[f"{mode}_k"] = best.k if best else None
         out[f"N={n}"] = row
+    return out
+
+
+def theory(cells: list[Cell], cfg: BenchConfig) -> list[dict]:
+    """For each calibrated drafter (oracle:ALPHA) and link delay: measured tau and dsi/si against the predictions
+    (formula.expected_tau and formula.predicted_dsi_over_si, the compute per round taken from si at t1 = 0)."""
+    rows = []
+    for si in cells:
+        alpha = oracle_alpha(si.drafter)
+        if si.mode != "si" or alpha is None or si.ms_per_token is None or not si.tau:
+            continue
+        dsi = _find(cells, stages=si.stages, t1_ms=si.t1_ms, mode="dsi", drafter=si.drafter, k=si.k)
+        si_0 = _find(cells, stages=si.stages, t1_ms=0.0, mode="si", drafter=si.drafter, k=si.k)
+        round_ms = si.ms_per_token * si.tau
+        compute_ms = si_0[0].ms_per_token * si_0[0].tau if si_0 and si_0[0].tau else round_ms
+        rows.append({"stages": si.stages, "t1_ms": si.t1_ms, "alpha": alpha, "k": si.k,
+                     "tau_expected": expected_tau(alpha, si.k), "tau_measured": si.tau,
+                     "dsi_over_si_predicted": predicted_dsi_over_si(alpha, si.k, cfg.max_inflight or si.stages,
+                                                                    round_ms, compute_ms),
+                     "dsi_over_si_measured": _ratio(dsi[0].tokens_per_s, si.tokens_per_s) if dsi else None})
+    return rows
+
+
+def theory_lines(rows: list[dict]) -> list[str]:
+    """The theory table in Markdown."""
+    head = ["N", "t1 ms", "ALPHA", "k", "tau expected", "tau measured", "dsi/si predicted", "dsi/si measured"]
+    out = ["Theory (calibrated drafters, oracle:ALPHA): tau = (1 - ALPHA^(k+1)) / (1 - ALPHA); dsi/si from the "
+           "pipelined-rounds model (docs/bench.md)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        out.append(f"| {r['stages']} | {r['t1_ms']:g} | {r['alpha']:g} | {r['k']} | {r['tau_expected']:.2f} | "
+                   f"{r['tau_measured']:.2f} | {_f(r['dsi_over_si_predicted'], 2, 'x')} | "
+                   f"{_f(r['dsi_over_si_measured'], 2, 'x')} |")
     return out
 
 
@@ -144,6 +182,8 @@ def write_markdown(path: Path, cells: list[Cell], h: dict, baseline: dict | None
             f"ignore_eos; medians over prompts. Links per round L = N; times in ms per token; "
             f"pass: |measured link savings - predicted| / predicted <= {cfg.tolerance:.0%} for t1 >= "
             f"{MIN_CHECKED_T1_MS:g} ms.", "", markdown_table(cells), "", "```", *headline_lines(h, baseline), "```"]
+    if rows := theory(cells, cfg):
+        text += ["", "## Theory", "", *theory_lines(rows)]
     if misses:
         text += ["", "## Cells that miss the prediction", "", *misses]
     path.write_text("\n".join(text) + "\n")

@@ -28,7 +28,7 @@ from dsd_node.net.client import DsdClient
 from dsd_node.ops import testnet
 from dsd_node.ops.bench.formula import check, summarize, tau_from_accepted
 from dsd_node.ops.bench.plan import SLOW_THRESHOLD, BenchConfig, Cell, Group, all_cells, load_prompts, plan_groups
-from dsd_node.ops.bench.report import headline, noise_summary, write_markdown, write_plots
+from dsd_node.ops.bench.report import headline, noise_summary, theory, write_markdown, write_plots
 from netem.link_emulator import parse_rate
 
 WARMUP_TOKENS = 8  # the HF baseline's warm-up
@@ -328,6 +328,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     h["noise"] = noise_summary(cells, info)
     results = {"config": cfg.to_dict(), "machine": info, "prompts": [pid for pid, _ in prompts],
                "prompt_tokens": [len(p) for p in prompt_ids], "baseline": baseline, "headline": h,
+               "theory": theory(cells, cfg),
                "cells": [asdict(c) for c in cells], "wall_s": round(time.monotonic() - t0, 1)}
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
     write_markdown(cfg.out / "results.md", cells, h, baseline, cfg)

@@ -1,0 +1,81 @@
+"""The calibrated drafter oracle:ALPHA: its spec, the theory it is checked against, and (with the embedded
+target) that it commits the predicted tokens per round while the output stays the target's greedy output."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+from conftest import PROMPTS, hf_greedy
+
+from dsd_node.engine.config import DrafterSpec, GenerationConfig, TreeShape
+from dsd_node.ops.bench.formula import expected_tau, oracle_alpha, predicted_dsi_over_si
+from dsd_node.ops.bench.plan import BenchConfig
+
+
+def test_drafter_spec_names() -> None:
+    assert DrafterSpec.parse("self", "t") == DrafterSpec("t", 1.0)
+    assert DrafterSpec.parse("oracle", "t") == DrafterSpec("t", 1.0)
+    assert DrafterSpec.parse("oracle:0.7", "t") == DrafterSpec("t", 0.7)
+    assert DrafterSpec.parse("oracle:0", "t").is_target
+    spec = DrafterSpec.parse("embedded:drafter", "t")
+    assert spec == DrafterSpec("embedded:drafter") and not spec.is_target
+    for bad in ("oracle:1.5", "oracle:-0.1", "oracle:x", "oracle:"):
+        with pytest.raises(ValueError, match="oracle:ALPHA needs 0 <= ALPHA <= 1"):
+            DrafterSpec.parse(bad, "t")
+
+
+def test_theory_formulas() -> None:
+    assert expected_tau(1.0, 4) == 5.0
+    assert expected_tau(0.0, 4) == 1.0
+    assert expected_tau(0.5, 2) == pytest.approx(1.75)  # 1 + 0.5 + 0.25
+    assert oracle_alpha("oracle:0.6") == 0.6 and oracle_alpha("oracle") == 1.0 and oracle_alpha("embedded") is None
+    # a round usable with p = alpha^(k+1) < 0.35 is not speculated on: dsi = si
+    assert predicted_dsi_over_si(0.7, 4, 4, round_ms=100, compute_ms=10) == 1.0
+    # always usable and link-bound: m rounds in flight, a verdict every round_ms / m
+    assert predicted_dsi_over_si(1.0, 4, 4, round_ms=100, compute_ms=0) == pytest.approx(4.0)
+    # compute-bound: no faster than one round's compute per verdict
+    assert predicted_dsi_over_si(1.0, 4, 4, round_ms=100, compute_ms=50) == pytest.approx(2.0)
+    ratios = [predicted_dsi_over_si(a, 4, 4, 100, 10) for a in (0.5, 0.7, 0.85, 0.9, 0.95, 1.0)]
+    assert ratios == sorted(ratios) and ratios[-1] > ratios[2] > 1.0
+
+
+def test_bench_accepts_oracle_alpha_drafters() -> None:
+    cfg = BenchConfig(drafters=["oracle:0.7", "embedded"])
+    cfg.validate()
+    assert cfg.drafter_source("oracle:0.7") == "oracle:0.7" and cfg.drafter_source("oracle") == "self"
+    with pytest.raises(ValueError, match="oracle:ALPHA"):
+        BenchConfig(drafters=["oracle:2"]).validate()
+
+
+@pytest.fixture(scope="module")
+def engines():
+    from dsd_node.engine.local import LocalEngine
+
+    return {a: LocalEngine("embedded:target", f"oracle:{a:g}", stages=2) for a in (0.0, 0.7)}
+
+
+@pytest.mark.slow
+def test_oracle_alpha_is_lossless_and_commits_the_predicted_tokens_per_round(engines, reference, tokenizer) -> None:
+    k, n = 4, 40
+    taus = []
+    for i, prompt in enumerate(PROMPTS[:3]):
+        ids = tokenizer(prompt)["input_ids"]
+        want = hf_greedy(reference, ids, n, None)
+        for mode in ("si", "dsi") if i == 0 else ("si",):
+            r = engines[0.7].generate(ids, GenerationConfig(mode=mode, max_new_tokens=n, draft_k=k, ignore_eos=True))
+            assert r.tokens == want, (prompt, mode)
+            if mode == "si":
+                taus += r.stats.accepted_per_round[:-1]  # the last round is cut by max_new_tokens
+    # 0.7 at k=4: 2.77 tokens per round expected; ~40 rounds, per-round sd ~1.4 -> the mean's sd ~0.22
+    assert abs(statistics.mean(taus) - expected_tau(0.7, k)) < 0.6, taus
+    assert 1 < min(taus) or max(taus) == k + 1  # both whole rounds and early misses happen
+
+
+@pytest.mark.slow
+def test_oracle_zero_never_proposes_the_target_token_even_with_alternatives(engines, reference, tokenizer) -> None:
+    ids = tokenizer(PROMPTS[2])["input_ids"]
+    cfg = GenerationConfig(mode="si", max_new_tokens=24, draft_k=4, ignore_eos=True, tree=TreeShape(branch=3, branch_depth=2))
+    r = engines[0.0].generate(ids, cfg)
+    assert r.tokens == hf_greedy(reference, ids, 24, None)
+    assert set(r.stats.accepted_per_round) == {1}  # every round: the target's own token only
