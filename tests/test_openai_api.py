@@ -223,3 +223,29 @@ async def test_metrics_move_by_a_known_generation(net, tokenizer):
     assert moved("dsd_stage_rounds_total", (stage_before, stage_after), layers=layers) == dsd["rounds"]
     assert moved("dsd_stage_forward_seconds_count", (stage_before, stage_after), layers=layers) == dsd["rounds"]
     assert ("dsd_queue_length", ()) in stage_after
+
+
+async def test_a_client_that_goes_away_frees_its_session(net):
+    base = net.http_url.removesuffix("/v1")
+    before = await _scrape(f"{base}/metrics")
+    body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 1500, "temperature": 0, "stream": True,
+            "ignore_eos": True, "mode": "ar"}
+    async with aiohttp.ClientSession() as s, s.post(f"{net.http_url}/completions", json=body,
+                                                    headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        assert resp.status == 200
+        await resp.content.readuntil(b"\n\n")  # the first chunk, then hang up
+    for _ in range(100):  # the head notices at its next write and cancels the pipeline session
+        after = await _scrape(f"{base}/metrics")
+        if after[("dsd_active_sessions", (("role", "head"),))] == 0:
+            break
+        await asyncio.sleep(0.2)
+    key = ("dsd_generations_total", (("mode", "ar"), ("outcome", "cancelled")))
+    assert after[("dsd_active_sessions", (("role", "head"),))] == 0
+    assert after.get(key, 0) - before.get(key, 0) == 1
+    stage0 = next(s for s in net.specs if s.name == "stage0")
+    stage_url = f"http://{stage0.args[stage0.args.index('--metrics') + 1]}/metrics"
+    for _ in range(50):
+        if (await _scrape(stage_url))[("dsd_active_sessions", (("role", "stage"),))] == 0:
+            break
+        await asyncio.sleep(0.2)
+    assert (await _scrape(stage_url))[("dsd_active_sessions", (("role", "stage"),))] == 0

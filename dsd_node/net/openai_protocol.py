@@ -43,7 +43,8 @@ class ApiError(Exception):
         return cls(HTTP_STATUS.get(code, 503), message, code=code.name.lower())
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": ERROR_TYPE.get(self.status, "server_error"),
+        kind = ERROR_TYPE.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind,
                           "param": self.param, "code": self.code}}
 
 
