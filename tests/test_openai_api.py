@@ -4,6 +4,7 @@ real node processes (one shared by every test here), checked against Hugging Fac
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import openai
@@ -249,3 +250,15 @@ async def test_a_client_that_goes_away_frees_its_session(net):
             break
         await asyncio.sleep(0.2)
     assert (await _scrape(stage_url))[("dsd_active_sessions", (("role", "stage"),))] == 0
+
+
+@pytest.mark.extended
+async def test_http_bench_runs_against_the_endpoint(net, tmp_path):
+    from dsd_node.ops.http_bench import main
+
+    out = tmp_path / "bench.json"
+    assert await asyncio.to_thread(main, ["--url", net.http_url, "--api-key", KEY, "--modes", "si", "--concurrency",
+                                          "1,2", "--requests", "1", "--max-tokens", "6", "--json", str(out)]) == 0
+    levels = json.loads(out.read_text())["levels"]
+    assert [(x["mode"], x["concurrency"], x["tokens"]) for x in levels] == [("si", 1, 6), ("si", 2, 12)]
+    assert all(x["tokens_per_s"] > 0 and x["ttft_ms_p50"] > 0 and x["tau"] >= 1 for x in levels)

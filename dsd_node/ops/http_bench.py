@@ -74,6 +74,8 @@ async def run_level(url: str, key: str, model: str, mode: str, concurrency: int,
     import openai
 
     async with openai.AsyncOpenAI(base_url=url, api_key=key or "none", max_retries=0, timeout=600) as client:
+        await _one(client, model, PROMPTS[0], mode, 4)  # warm-up (first calls pay for connections and allocation)
+
         async def worker(w: int) -> list[tuple[float, float, int, float]]:
             return [await _one(client, model, PROMPTS[(w + i) % len(PROMPTS)], mode, max_tokens) for i in range(requests)]
 
