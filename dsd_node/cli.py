@@ -96,6 +96,9 @@ def _print_stats(st: Stats | None) -> None:
 
 def cmd_testnet(args: argparse.Namespace) -> int:
     wired = args.no_discovery or args.link_delay_ms > 0 or args.colocate
+    if args.from_file and args.http:
+        raise ValueError("--http applies to the testnet's own head; with --from, add --http to the gateway "
+                         "service's dsd-node command in the compose file")
     key_dir = Path(tempfile.mkdtemp(prefix="dsd-keys-"))  # removed with the testnet (the nodes' keys)
     if args.from_file:
         specs = specs_from_compose(Path(args.from_file), threads=args.threads, workdir=key_dir)  # its own devices
