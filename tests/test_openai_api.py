@@ -224,6 +224,14 @@ async def test_metrics_move_by_a_known_generation(net, tokenizer):
     assert moved("dsd_stage_rounds_total", (stage_before, stage_after), layers=layers) == dsd["rounds"]
     assert moved("dsd_stage_forward_seconds_count", (stage_before, stage_after), layers=layers) == dsd["rounds"]
     assert ("dsd_queue_length", ()) in stage_after
+    stages = {s.address for s in net.specs if s.name.startswith("stage")}
+    for _ in range(60):  # the head probes its route's stages soon after start, then every 10 s
+        rtt = {dict(k[1])["peer"]: v for k, v in (await _scrape(f"{base}/metrics")).items()
+               if k[0] == "dsd_link_rtt_seconds"}
+        if set(rtt) == stages:
+            break
+        await asyncio.sleep(0.5)
+    assert set(rtt) == stages and all(0 < v < 10 for v in rtt.values())
 
 
 async def test_a_client_that_goes_away_frees_its_session(net):

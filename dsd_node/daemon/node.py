@@ -232,11 +232,12 @@ class Node:
     async def probe_links(self, every_s: float = 10.0) -> None:
         """Head: measure the RTT to each stage of the route now and then (dsd_link_rtt_seconds)."""
         while True:
-            for hop in self.gateway.route:
+            route = self.gateway.route
+            for hop in route:
                 rtt = await probe_rtt(self.channels, hop.address)
                 if rtt is not None:
                     self.metrics.link_rtt.labels(hop.address).set(rtt / 1e3)
-            await asyncio.sleep(every_s)
+            await asyncio.sleep(every_s if route else 1.0)  # first: soon after the route is known
 
     def describe(self) -> NodeInfo:
         """What Info answers: roles, model, layers, load, and a head's route."""
