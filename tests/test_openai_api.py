@@ -91,13 +91,13 @@ async def test_completions_and_chat_greedy_equal_hf_streaming_or_not(net, refere
 @pytest.mark.parametrize("mode", ["ar", "si", "dsi"])
 async def test_every_mode_streamed_or_not_equals_hf(net, reference, tokenizer, mode):
     async with client(net) as c:
-        for prompt in PROMPTS[1:4]:
+        for prompt in PROMPTS[1:3]:
             ids = tokenizer(prompt)["input_ids"]
-            want, toks = reference_text(reference, tokenizer, ids, 24)
-            r = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+            want, toks = reference_text(reference, tokenizer, ids, 16)
+            r = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
                                            extra_body={"mode": mode, "draft_k": 3, "max_inflight": 2})
             assert r.choices[0].text == want and r.usage.completion_tokens == len(toks), (mode, prompt)
-            stream = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True,
+            stream = await c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
                                                 extra_body={"mode": mode})
             assert "".join([ch.choices[0].text async for ch in stream]) == want, (mode, prompt)
 
