@@ -66,9 +66,6 @@ class HttpApi:
             if request.path.startswith("/v1/"):
                 self.check_key(request)
             resp = await handler(request)
-        except ConnectionResetError:  # the client went away mid-stream: nothing to answer
-            self.metrics.http_requests.labels(path, "disconnected").inc()
-            raise
         except ApiError as e:
             resp = web.json_response(e.body(), status=e.status)
         except web.HTTPException as e:  # aiohttp's own: unknown path (404), wrong method (405), body too large (413)
@@ -143,6 +140,9 @@ class _Completion:
     async def run(self, gateway: GatewayService) -> web.StreamResponse:
         try:
             stats = await gateway.generate(self.req.prompt_ids, self.req.config, self.emit)
+        except ConnectionResetError:  # the client hung up mid-stream: the generation was cancelled; nothing to say
+            log.info("client went away mid-stream; generation cancelled")
+            return self.stream
         except GenerationError as e:
             err = ApiError.from_code(e.code, str(e))
             if self.stream is None:  # nothing sent yet: a plain error with its status
