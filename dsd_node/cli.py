@@ -96,6 +96,9 @@ def _print_stats(st: Stats | None) -> None:
 
 def cmd_testnet(args: argparse.Namespace) -> int:
     wired = args.no_discovery or args.link_delay_ms > 0 or args.colocate
+    if args.from_file and args.http:
+        raise ValueError("--http applies to the testnet's own head; with --from, add --http to the gateway "
+                         "service's dsd-node command in the compose file")
     key_dir = Path(tempfile.mkdtemp(prefix="dsd-keys-"))  # removed with the testnet (the nodes' keys)
     if args.from_file:
         specs = specs_from_compose(Path(args.from_file), threads=args.threads, workdir=key_dir)  # its own devices
@@ -103,11 +106,11 @@ def cmd_testnet(args: argparse.Namespace) -> int:
         what = f"every service of {args.from_file} as a local process ({', '.join(s.name for s in specs)})"
     elif wired:
         specs = plan(args.stages, args.model, args.drafter, threads=args.threads, link_delay_ms=args.link_delay_ms,
-                     colocate=args.colocate, extra=node_compute_args(args))
+                     colocate=args.colocate, extra=node_compute_args(args), http=args.http)
         what = f"{args.stages} stages + drafter + head, wired by address"
     else:
         specs = plan_discovery(args.stages, args.replicas, args.model, args.drafter, threads=args.threads,
-                               extra=node_compute_args(args), key_dir=key_dir)
+                               extra=node_compute_args(args), key_dir=key_dir, http=args.http)
         what = (f"bootstrap + {args.stages} shards x {args.replicas} replicas + drafter + head, "
                 "found through libp2p discovery")
     net = Testnet(specs, log_dir=args.log_dir, temp_dirs=[key_dir])
@@ -134,10 +137,17 @@ def cmd_testnet(args: argparse.Namespace) -> int:
             print(f"links: userspace link emulator, {args.link_delay_ms:g} ms one-way into every node "
                   "(this kernel has no netem qdisc; see netem/)", file=sys.stderr)
         print(f"gateway: {net.gateway}", file=sys.stderr)
+        if net.http_url:
+            print(f"OpenAI-compatible API: {net.http_url}   (model {args.model}; metrics: "
+                  f"{net.http_url.removesuffix('/v1')}/metrics)", file=sys.stderr)
         if args.generate is not None:
             return await _generate_remote(net.gateway, args.generate, generation_config(args), args.json)
         print(f"try: dsd generate --gateway {net.gateway} \"def fibonacci(n):\"   (Ctrl-C stops the testnet)",
               file=sys.stderr)
+        if net.http_url:
+            print(f"     curl {net.http_url}/completions -H 'Content-Type: application/json' "
+                  f"-d '{{\"model\": \"{args.model}\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32, "
+                  f"\"temperature\": 0}}'", file=sys.stderr)
         while True:
             await asyncio.sleep(1)
             dead = [n for n, p in net.procs.items() if p.poll() is not None]
@@ -235,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--link-delay-ms", type=float, default=0.0,
                     help="one-way delay added to every link into a node (userspace link emulator)")
     up.add_argument("--colocate", action="store_true", help="run the head and drafter inside the first stage's process")
+    up.add_argument("--http", metavar="HOST:PORT",
+                    help="the head also serves the OpenAI-compatible HTTP API (and /metrics) there; auto: a free port")
     up.add_argument("--log-dir", default=None, help="where node logs go (default: a temporary folder)")
     up.add_argument("--generate", metavar="PROMPT", help="run one generation through the testnet, then stop it")
     add_generation_flags(up)

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds an announcement stays valid; refreshed every third of it (30)")
     ap.add_argument("--route-wait", dest="route_wait", type=float,
                     help="head: seconds to wait for stages covering every layer to appear (3600)")
+    ap.add_argument("--http", help="head: serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                                   "/v1/models, /metrics) on HOST:PORT, or auto (127.0.0.1, a free port)")
+    ap.add_argument("--metrics", help="serve Prometheus metrics at http://HOST:PORT/metrics (auto: a free port)")
+    ap.add_argument("--api-key", dest="api_key", help="clients must present this key (HTTP: Authorization: Bearer KEY); "
+                                                      "prefer DSD_API_KEY, which ps does not show")
     ap.add_argument("--print-peer-id", dest="print_peer_id", action="store_true", help="print the peer id and exit")
     ap.add_argument("--config", help="YAML config file")
     ap.add_argument("--log-level", dest="log_level", help="debug, info, warning (default info)")

@@ -105,7 +105,7 @@ def test_no_future_warning_from_the_layers(local_engine):
 
 @pytest.fixture(scope="module")
 def net():
-    n = Testnet(plan(2))
+    n = Testnet(plan(2, http="auto"))  # the README's OpenAI example runs against its HTTP API
     try:
         asyncio.run(n.up())
         yield n
@@ -121,10 +121,11 @@ def _readme_python_blocks() -> list[str]:
 @pytest.mark.slow
 def test_readme_python_examples_run_as_written(net):
     blocks = _readme_python_blocks()
-    assert len(blocks) >= 2 and any("DsdClient" in b for b in blocks) and any("LocalEngine" in b for b in blocks)
+    assert len(blocks) >= 3 and any("DsdClient" in b for b in blocks) and any("LocalEngine" in b for b in blocks)
+    assert any("from openai import OpenAI" in b for b in blocks)
     for code in blocks:
-        r = subprocess.run([sys.executable, "-c", code.replace("127.0.0.1:6000", net.gateway)], capture_output=True,
-                           text=True, timeout=180, cwd=ROOT)
+        code = code.replace("127.0.0.1:6000", net.gateway).replace("http://127.0.0.1:8000/v1", net.http_url)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=ROOT)
         assert r.returncode == 0 and r.stdout.strip(), f"{code}\n{r.stderr}"
 
 

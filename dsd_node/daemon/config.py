@@ -48,6 +48,9 @@ class NodeConfig:
     log_level: str = "info"
     announce_ttl: float = 30.0
     route_wait: float = 3600.0
+    http: str | None = None  # head: OpenAI-compatible HTTP API on HOST:PORT ("auto": 127.0.0.1, a free port)
+    metrics: str | None = None  # Prometheus /metrics on HOST:PORT (the head's HTTP API serves it too)
+    api_key: str | None = None  # clients must present it (HTTP: Authorization: Bearer KEY)
 
     @property
     def roles(self) -> list[str]:
@@ -68,6 +71,12 @@ class NodeConfig:
             raise ConfigError("max_sessions and max_message_mb must be at least 1")
         if ":" not in self.listen:
             raise ConfigError(f"listen address {self.listen!r} is not HOST:PORT")
+        for name in ("http", "metrics"):
+            value = getattr(self, name)
+            if value is not None and value != "auto" and not value.rpartition(":")[2].isdigit():
+                raise ConfigError(f"{name} address {value!r} is not HOST:PORT (or auto)")
+        if self.http and "head" not in self.roles:
+            raise ConfigError("--http serves the head's API: give it to a node with the head role (--metrics works anywhere)")
 
     @classmethod
     def resolve(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from aiohttp import web
 from grpc_health.v1 import health_pb2
 
 from dsd_node import __version__
@@ -57,13 +58,15 @@ from dsd_node.engine.tree import TokenTree
 from dsd_node.engine.verify import low_importance_mask
 from dsd_node.net.gateway import GatewayConfig, GatewayService
 from dsd_node.net.grpc_util import Channels, make_server, query_info
+from dsd_node.net.http_api import HttpApi
+from dsd_node.net.metrics import NodeMetrics, parse_host_port, serve_metrics
 from dsd_node.net.node_services import DrafterService, NodeService
 from dsd_node.net.pipeline_client import RemoteDraftSource
 from dsd_node.net.stage_service import StageService
 from dsd_node.net.wire import NodeInfo
 from dsd_node.p2p.discovery import Discovery, DiscoveryError
 from dsd_node.p2p.identity import IdentityError
-from dsd_node.p2p.peers import RouteFinder, make_record, stage_records, start_discovery
+from dsd_node.p2p.peers import RouteFinder, make_record, probe_rtt, stage_records, start_discovery
 from dsd_node.p2p.placement import MIB, PlacementError, dtype_bytes, plan_span
 from dsd_node.p2p.records import NodeRecord
 from dsd_node.p2p.routing import RouteError, build_route
@@ -105,6 +108,8 @@ class Node:
         self.gateway: GatewayService | None = None
         self.discovery: Discovery | None = None
         self.tasks: list[asyncio.Task] = []
+        self.metrics = NodeMetrics()  # this node's own registry
+        self.web: list[web.AppRunner] = []  # the HTTP API and the metrics page
 
     async def run(self) -> None:
         self.compute_on()
@@ -116,6 +121,7 @@ class Node:
             self.add_services()
             await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.start()
+            await self.serve_http()
             self.announce()
             if self.gateway is not None and not await self.build_gateway():
                 return  # stopped while waiting for a route
@@ -196,13 +202,43 @@ class Node:
 
     def add_services(self) -> None:
         if self.stage is not None:
-            rpc.add_StageServicer_to_server(StageService(self.stage, self.channels, self.cfg.session_ttl), self.server)
+            rpc.add_StageServicer_to_server(StageService(self.stage, self.channels, self.cfg.session_ttl, self.metrics),
+                                            self.server)
         if self.drafter is not None:
             rpc.add_DrafterServicer_to_server(DrafterService(self.drafter), self.server)
         if "head" in self.roles:
-            self.gateway = GatewayService(self.address, self.channels)  # reply_to: where last stages reach us
+            self.gateway = GatewayService(self.address, self.channels, metrics=self.metrics)  # reply_to: last stages
             rpc.add_GatewayServicer_to_server(self.gateway, self.server)
         rpc.add_NodeServicer_to_server(NodeService(self.describe), self.server)
+
+    async def serve_http(self) -> None:
+        """The head's OpenAI-compatible API (--http) and the metrics page (--metrics), on this loop."""
+        try:
+            if self.cfg.http:
+                api = HttpApi(self.gateway, self.cfg.model, self.metrics, self.cfg.api_key)
+                host, port = parse_host_port(self.cfg.http, "--http")
+                port = await api.start(host, port)
+                self.web.append(api.runner)
+                print(f"dsd-node http: OpenAI-compatible API at http://{host}:{port}/v1 (metrics at /metrics)", flush=True)
+            if self.cfg.metrics:
+                host, port = parse_host_port(self.cfg.metrics, "--metrics")
+                runner, port = await serve_metrics(self.metrics, host, port)
+                self.web.append(runner)
+                print(f"dsd-node metrics: http://{host}:{port}/metrics", flush=True)
+        except (OSError, ValueError) as e:
+            raise NodeStartError(f"cannot serve HTTP: {e}") from e
+        if self.gateway is not None:
+            self.tasks.append(asyncio.create_task(self.probe_links()))
+
+    async def probe_links(self, every_s: float = 10.0) -> None:
+        """Head: measure the RTT to each stage of the route now and then (dsd_link_rtt_seconds)."""
+        while True:
+            route = self.gateway.route
+            for hop in route:
+                rtt = await probe_rtt(self.channels, hop.address)
+                if rtt is not None:
+                    self.metrics.link_rtt.labels(hop.address).set(rtt / 1e3)
+            await asyncio.sleep(every_s if route else 1.0)  # first: soon after the route is known
 
     def describe(self) -> NodeInfo:
         """What Info answers: roles, model, layers, load, and a head's route."""
@@ -282,6 +318,7 @@ class Node:
         elif self.discovery is not None:
             finder = RouteFinder(self.discovery, self.channels, cfg.model, self.model_hash, model_num_layers(cfg.model),
                                  say=lambda m: print(f"dsd-node: {m}", flush=True))
+            self.metrics.set_source(self.metrics.excluded_peers, lambda: len(finder.dead))
             route = await finder.route(wait_s=cfg.route_wait)
             reroute = finder.reroute
         else:
@@ -304,6 +341,8 @@ class Node:
             except Exception as e:  # leaving anyway: the record expires on its own
                 log.info("withdraw failed: %s", e)
             await self.discovery.stop()
+        for runner in self.web:
+            await runner.cleanup()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=2)
         await self.channels.close()

@@ -22,6 +22,7 @@ class ErrorCode(enum.Enum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"  # the request (or a peer's message) is malformed
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # a node is full (sessions, KV memory)
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # no verdict in time: a stage is stuck
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"  # this node cannot serve the request as asked (e.g. no drafter)
 
 
 class GenerationError(RuntimeError):

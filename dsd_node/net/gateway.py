@@ -21,6 +21,7 @@ from dsd_node.engine.head import DraftSource, Head
 from dsd_node.engine.messages import Hop
 from dsd_node.engine.models import check_context
 from dsd_node.net.grpc_util import Channels
+from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import GrpcPipeline
 from dsd_node.net.wire import generation_config_from_pb, stats_to_pb, verdict_from_pb
 from dsd_node.proto import dsd_pb2 as pb
@@ -30,6 +31,11 @@ log = logging.getLogger("dsd.gateway")
 
 MAX_FAILOVERS = 3
 RETRYABLE = {ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED}  # another route may succeed
+Emit = Callable[[list[int], str], Awaitable[None]]  # new tokens and the text they add
+
+
+class StopGeneration(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by an `emit` callback to end its generation early (a stop sequence was seen): not a failure."""
 
 
 @dataclass
@@ -46,63 +52,110 @@ class GatewayConfig:
 class GatewayService(rpc.GatewayServicer):
     """`cfg` is None until the node has built its route; Generate says so meanwhile."""
 
-    def __init__(self, address: str, channels: Channels, cfg: GatewayConfig | None = None):
+    def __init__(self, address: str, channels: Channels, cfg: GatewayConfig | None = None,
+                 metrics: NodeMetrics | None = None):
         self.address, self.channels, self.cfg = address, channels, cfg
         self.sessions: dict[str, asyncio.Queue] = {}
+        self.metrics = metrics or NodeMetrics()
+        self.heads: set[Head] = set()  # sessions running now (their rounds in flight are a gauge)
+        self.active = 0  # generations running now
+        self.metrics.set_source(self.metrics.rounds_in_flight, lambda: sum(len(h.inflight) for h in self.heads))
+        self.metrics.set_source(self.metrics.active_sessions.labels("head"), lambda: self.active)
 
     @property
     def route(self) -> list[Hop]:
         return list(self.cfg.route) if self.cfg is not None else []
 
     async def Generate(self, request, context):
-        if self.cfg is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is still building its route; retry shortly")
         try:
-            gcfg = generation_config_from_pb(request, self.cfg.default_max_inflight)
+            gcfg = generation_config_from_pb(request, self.cfg.default_max_inflight if self.cfg else 0)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        async def emit(tokens: list[int], text: str) -> None:
+            await context.write(pb.GenerateEvent(tokens=tokens, text=text))
+
+        try:
+            ids = list(request.prompt_tokens) or self.encode(request.prompt)
+            stats = await self.generate(ids, gcfg, emit)
+        except GenerationError as e:
+            await context.abort(grpc.StatusCode[e.code.name], str(e))
+        await context.write(pb.GenerateEvent(stats=stats_to_pb(stats)))
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.cfg is None:
+            raise GenerationError("gateway is still building its route; retry shortly")
+        return self.cfg.tokenizer(prompt)["input_ids"]
+
+    async def generate(self, ids: list[int], gcfg: GenerationConfig, emit: Emit) -> Stats:
+        """Generate from prompt token ids, calling `emit(new_tokens, new_text)` as rounds commit; the generation's
+        Stats. The in-process entry point of the gRPC Generate call and the HTTP API; GenerationError (with the
+        code to answer) when the request is bad or the network cannot serve it."""
+        if self.cfg is None:
+            raise GenerationError("gateway is still building its route; retry shortly")
         tok = self.cfg.tokenizer
-        ids = list(request.prompt_tokens) or tok(request.prompt)["input_ids"]
         if not ids:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
+            raise GenerationError("empty prompt", ErrorCode.INVALID_ARGUMENT)
         if any(not 0 <= t < len(tok) for t in ids):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt token outside the vocabulary")
+            raise GenerationError("prompt token outside the vocabulary", ErrorCode.INVALID_ARGUMENT)
         try:
             check_context(len(ids), gcfg.max_new_tokens, self.cfg.max_positions)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise GenerationError(str(e), ErrorCode.INVALID_ARGUMENT) from None
         if gcfg.mode != "ar" and self.cfg.drafter is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"mode {gcfg.mode} needs a drafter; this gateway has none")
+            raise GenerationError(f"mode {gcfg.mode} needs a drafter; this gateway has none", ErrorCode.FAILED_PRECONDITION)
         t0 = time.perf_counter()
         prior: list[int] = []  # tokens committed before a failover
         stats = Stats(gcfg.mode)
         sent = 0  # characters of text streamed so far
+        last: list[float] = []  # when the last tokens were emitted
+        stopped = False  # emit asked to stop
+        self.metrics.generation_started(len(ids))
+        self.active += 1
 
-        async def emit(new: list[int], head: Head) -> None:
+        async def on_tokens(new: list[int], head: Head) -> None:
             """Stream newly committed tokens with the text they add (decoded in context, so merges stay right)."""
-            nonlocal sent
+            nonlocal sent, stopped
+            now = time.perf_counter()
+            self.metrics.tokens_emitted(gcfg.mode, len(new), now - t0, now - last[0] if last else None)
+            last[:] = [now]
             text = tok.decode(prior + head.trimmed())
-            await context.write(pb.GenerateEvent(tokens=new, text=text[sent:]))
+            try:
+                await emit(new, text[sent:])
+            except StopGeneration:
+                stopped = True
+                raise
             sent = len(text)
 
-        while True:
-            left = replace(gcfg, max_new_tokens=gcfg.max_new_tokens - len(prior))
-            head, failure = await self._run_session(ids + prior, left, emit)
-            stats.add(head.stats)
-            prior += head.trimmed()
-            if failure is None or len(prior) >= gcfg.max_new_tokens or (head.eos is not None and head.eos in prior):
-                break
-            if failure.code not in RETRYABLE or self.cfg.reroute is None or stats.failovers >= MAX_FAILOVERS:
-                await context.abort(grpc.StatusCode[failure.code.name], str(failure))
-            try:
-                self.cfg.route = await self.cfg.reroute(self.cfg.route)
-            except ValueError as e:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{failure}; no route left: {e}")
-            stats.failovers += 1
-            log.warning("failover %d: %s; replaying %d committed tokens on %s", stats.failovers, failure,
-                        len(ids) + len(prior), " -> ".join(h.address for h in self.cfg.route))
-        stats.new_tokens, stats.wall_ms = len(prior), (time.perf_counter() - t0) * 1e3
-        await context.write(pb.GenerateEvent(stats=stats_to_pb(stats)))
+        outcome = "ok"
+        try:
+            while True:
+                left = replace(gcfg, max_new_tokens=gcfg.max_new_tokens - len(prior))
+                head, failure = await self._run_session(ids + prior, left, on_tokens)
+                stats.add(head.stats)
+                prior += head.trimmed()
+                if failure is None or stopped or len(prior) >= gcfg.max_new_tokens or (head.eos is not None and head.eos in prior):
+                    break
+                if failure.code not in RETRYABLE or self.cfg.reroute is None or stats.failovers >= MAX_FAILOVERS:
+                    raise failure
+                try:
+                    self.cfg.route = await self.cfg.reroute(self.cfg.route)
+                except ValueError as e:
+                    raise GenerationError(f"{failure}; no route left: {e}") from None
+                stats.failovers += 1
+                log.warning("failover %d: %s; replaying %d committed tokens on %s", stats.failovers, failure,
+                            len(ids) + len(prior), " -> ".join(h.address for h in self.cfg.route))
+        except GenerationError as e:
+            outcome = e.code.name
+            raise
+        except BaseException:  # the caller went away (cancelled, or its emit failed)
+            outcome = "cancelled"
+            raise
+        finally:
+            self.active -= 1
+            stats.new_tokens, stats.wall_ms = len(prior), (time.perf_counter() - t0) * 1e3
+            self.metrics.generation_finished(stats, outcome)
+        return stats
 
     async def _run_session(self, prompt: list[int], gcfg: GenerationConfig, emit) -> tuple[Head, GenerationError | None]:
         """One pipeline session; returns the head and the failure, if any."""
@@ -111,17 +164,23 @@ class GatewayService(rpc.GatewayServicer):
         self.sessions[sid] = verdicts
         route = self.cfg.route
         pipe = GrpcPipeline(sid, route, self.address, self.channels.get(route[0].address), verdicts,
-                            self.cfg.round_timeout_s)
+                            self.cfg.round_timeout_s, self.metrics.round_trip.observe)
         head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
         head.on_tokens = lambda new: emit(new, head)
         failure = None
+        finished = False
+        self.heads.add(head)
         try:
             await head.run(prompt)
+            finished = True
         except GenerationError as e:
             failure = e
+        except StopGeneration:
+            pass  # the caller has what it wants; the pipeline is cancelled below
         finally:
+            self.heads.discard(head)
             self.sessions.pop(sid, None)
-            await pipe.close(cancel=failure is not None)
+            await pipe.close(cancel=not finished)
             end = getattr(self.cfg.drafter, "end_session", None)
             if end is not None:
                 await end(sid)

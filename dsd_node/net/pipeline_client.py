@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import grpc
@@ -64,14 +65,19 @@ class GrpcPipeline:
     """The Pipeline of a head session over the network (see dsd_node.engine.head.Pipeline)."""
 
     def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
-                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0):
+                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0,
+                 on_round_trip: Callable[[float], None] | None = None):
         self.session_id, self.route, self.reply_to = session_id, route, reply_to
         self.verdicts = verdicts
         self.round_timeout_s = round_timeout_s
         self.link = StreamLink(route[0].address, channel)
+        self.on_round_trip = on_round_trip  # seconds from a round's send to its verdict (metrics)
+        self.sent_at: dict[int, float] = {}
 
     async def send(self, msg: RoundMsg) -> None:
         msg.route, msg.hop, msg.reply_to = self.route, 0, self.reply_to
+        if msg.tree.tokens and self.on_round_trip is not None:
+            self.sent_at[msg.round_id] = time.perf_counter()
         await self.link.write(round_to_pb(msg))
 
     async def recv(self) -> VerdictMsg:
@@ -79,7 +85,11 @@ class GrpcPipeline:
         done, _ = await asyncio.wait({get, self.link.failed}, timeout=self.round_timeout_s,
                                      return_when=asyncio.FIRST_COMPLETED)
         if get in done:
-            return get.result()
+            v = get.result()
+            t0 = self.sent_at.pop(v.round_id, None)
+            if t0 is not None:
+                self.on_round_trip(time.perf_counter() - t0)
+            return v
         get.cancel()
         if self.link.failed in done:
             code, details = self.link.failed.result()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import grpc
 
@@ -20,6 +21,7 @@ from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.shard_runner import SessionLimitError
 from dsd_node.engine.stage import BadRound, StageHandler
 from dsd_node.net.grpc_util import Channels
+from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import StreamLink
 from dsd_node.net.wire import WireError, round_from_pb, round_to_pb, verdict_to_pb
 from dsd_node.proto import dsd_pb2 as pb
@@ -37,8 +39,15 @@ class StreamAbort(Exception):
 
 
 class StageService(rpc.StageServicer):
-    def __init__(self, handler: StageHandler, channels: Channels, session_ttl_s: float = 300.0):
+    def __init__(self, handler: StageHandler, channels: Channels, session_ttl_s: float = 300.0,
+                 metrics: NodeMetrics | None = None):
         self.handler, self.channels, self.session_ttl_s = handler, channels, session_ttl_s
+        self.metrics = metrics or NodeMetrics()
+        sh = handler.runner.shard
+        self.layers = f"{sh.start}:{sh.end}"
+        self.queues: set[asyncio.Queue] = set()  # one per open Forward stream: rounds waiting for compute
+        self.metrics.set_source(self.metrics.queue_length, lambda: sum(q.qsize() for q in self.queues))
+        self.metrics.set_source(self.metrics.active_sessions.labels("stage"), lambda: len(handler.runner.sessions))
 
     async def Forward(self, request_iterator, context):
         queue: asyncio.Queue[RoundMsg | StreamAbort | None] = asyncio.Queue()
@@ -66,6 +75,7 @@ class StageService(rpc.StageServicer):
         reader = asyncio.create_task(read())
         out = _Outlets(self.channels)
         problem: StreamAbort | None = None
+        self.queues.add(queue)
         try:
             while True:
                 msg = await self._next(queue, out.down)
@@ -80,6 +90,7 @@ class StageService(rpc.StageServicer):
                     problem = e
                     break
         finally:
+            self.queues.discard(queue)
             if sid:  # first, before any await: a cancelled handler must still free the session
                 self.handler.end_session(sid[0])
             reader.cancel()
@@ -89,8 +100,12 @@ class StageService(rpc.StageServicer):
             await context.abort(problem.code, problem.details)
 
     async def _handle(self, msg: RoundMsg) -> RoundMsg | VerdictMsg | None:
+        t0 = time.perf_counter()
         try:
-            return await asyncio.to_thread(self.handler.handle, msg, False)
+            out = await asyncio.to_thread(self.handler.handle, msg, False)
+            if msg.tree.tokens:
+                self.metrics.stage_round(self.layers, time.perf_counter() - t0)
+            return out
         except BadRound as e:
             raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         except SessionLimitError as e:

@@ -37,13 +37,15 @@ class NodeSpec:
 
 
 def plan(stages: int, model: str = "embedded:target", drafter: str | None = "embedded:drafter", threads: int = 1,
-         extra: list[str] | None = None, link_delay_ms: float = 0.0, colocate: bool = False) -> list[NodeSpec]:
+         extra: list[str] | None = None, link_delay_ms: float = 0.0, colocate: bool = False,
+         http: str | None = None) -> list[NodeSpec]:
     """N stages (layers split evenly), a drafter and a head wired by address, the head routing through the stages in order.
 
     colocate: the head runs in the first stage's process with the drafter beside it (one laptop as
     head + drafter + stage 0), so a round crosses N links: N-1 between stages and the verdict's return.
     link_delay_ms: every node puts the userspace link emulator in front of its port, so each link
     into a node adds that one-way delay.
+    http: the head also serves the OpenAI-compatible API there (HOST:PORT, or auto: a free port on 127.0.0.1).
     """
     extra = extra or []
     env = {"DSD_LINK_EMULATOR": "1", "DSD_LINK_DELAY_MS": str(link_delay_ms)} if link_delay_ms > 0 else {}
@@ -59,14 +61,21 @@ def plan(stages: int, model: str = "embedded:target", drafter: str | None = "emb
         if drafter:
             specs.append(_drafter(drafter, model, threads=threads, extra=extra))
             head_args += ["--drafter-addr", specs[-1].address]
-    head_args += ["--route", ",".join(route)]
+    head_args += ["--route", ",".join(route), *http_args(http)]
     specs.append(_head(head_args, model, threads, extra, env))
     return specs
 
 
+def http_args(http: str | None) -> list[str]:
+    """The head's --http flag; auto becomes a free port chosen now, so the testnet knows its URL."""
+    if not http:
+        return []
+    return ["--http", f"127.0.0.1:{free_port()}" if http == "auto" else http]
+
+
 def plan_discovery(stages: int, replicas: int = 1, model: str = "embedded:target", drafter: str | None = "embedded:drafter",
                    threads: int = 1, extra: list[str] | None = None, key_dir: Path | None = None,
-                   announce_ttl: float = 30.0) -> list[NodeSpec]:
+                   announce_ttl: float = 30.0, http: str | None = None) -> list[NodeSpec]:
     """A bootstrap peer, `replicas` copies of each of N shards and a drafter announcing themselves, and a head
     that finds its route through libp2p discovery (nobody is wired by address)."""
 
@@ -91,7 +100,7 @@ def plan_discovery(stages: int, replicas: int = 1, model: str = "embedded:target
     if drafter:
         specs.append(_drafter(drafter, model, threads=threads, extra=[*extra, *p2p("drafter")]))
         head_args += ["--drafter-addr", specs[-1].address]
-    specs.append(_head([*head_args, *p2p("head")], model, threads, extra, {}))
+    specs.append(_head([*head_args, *p2p("head"), *http_args(http)], model, threads, extra, {}))
     return specs
 
 
@@ -131,9 +140,21 @@ class Testnet:
     @property
     def gateway(self) -> str:
         """The address of the node with the head role."""
+        return self._head().address
+
+    @property
+    def http_url(self) -> str | None:
+        """The head's OpenAI-compatible API base URL (http://HOST:PORT/v1), if it serves one."""
+        args = self._head().args
+        if "--http" not in args:
+            return None
+        host, _, port = args[args.index("--http") + 1].rpartition(":")
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/v1"
+
+    def _head(self) -> NodeSpec:
         for s in self.specs:
             if "--role" in s.args and "head" in s.args[s.args.index("--role") + 1].split(","):
-                return s.address
+                return s
         raise RuntimeError("this testnet has no head node")
 
     def start(self, spec: NodeSpec) -> subprocess.Popen:
