@@ -12,17 +12,18 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import grpc
 
 from dsd_node.engine.config import ErrorCode, GenerationConfig, GenerationError, Stats
 from dsd_node.engine.head import DraftSource, Head
+from dsd_node.engine.limits import Limits
 from dsd_node.engine.messages import Hop
-from dsd_node.engine.models import check_context
+from dsd_node.net.admission import Admission, Busy
 from dsd_node.net.grpc_util import Channels
 from dsd_node.net.pipeline_client import GrpcPipeline
-from dsd_node.net.wire import generation_config_from_pb, stats_to_pb, verdict_from_pb
+from dsd_node.net.wire import WireError, generation_config_from_pb, stats_to_pb, verdict_from_pb
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
@@ -41,6 +42,7 @@ class GatewayConfig:
     round_timeout_s: float = 60.0
     reroute: Callable[[list[Hop]], Awaitable[list[Hop]]] | None = None  # failover (with discovery)
     max_positions: int | None = None  # the target's context: prompt + max_new_tokens must fit
+    limits: Limits = field(default_factory=Limits)  # per-request caps, session slots and the queue
 
 
 class GatewayService(rpc.GatewayServicer):
@@ -49,10 +51,18 @@ class GatewayService(rpc.GatewayServicer):
     def __init__(self, address: str, channels: Channels, cfg: GatewayConfig | None = None):
         self.address, self.channels, self.cfg = address, channels, cfg
         self.sessions: dict[str, asyncio.Queue] = {}
+        self._admission: Admission | None = None
 
     @property
     def route(self) -> list[Hop]:
         return list(self.cfg.route) if self.cfg is not None else []
+
+    @property
+    def admission(self) -> Admission:
+        if self._admission is None:
+            lim = self.cfg.limits
+            self._admission = Admission(lim.max_sessions, lim.queue_size, lim.queue_timeout_s, lim.max_client_sessions)
+        return self._admission
 
     async def Generate(self, request, context):
         if self.cfg is None:
@@ -60,23 +70,32 @@ class GatewayService(rpc.GatewayServicer):
         try:
             gcfg = generation_config_from_pb(request, self.cfg.default_max_inflight)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         tok = self.cfg.tokenizer
         ids = list(request.prompt_tokens) or tok(request.prompt)["input_ids"]
         if not ids:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
         if any(not 0 <= t < len(tok) for t in ids):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt token outside the vocabulary")
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "prompt token outside the vocabulary")
         try:
-            check_context(len(ids), gcfg.max_new_tokens, self.cfg.max_positions)
+            self.cfg.limits.check_generation(len(ids), gcfg, self.cfg.max_positions)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if gcfg.mode != "ar" and self.cfg.drafter is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"mode {gcfg.mode} needs a drafter; this gateway has none")
+        try:
+            async with self.admission.slot(client_identity(context)):
+                await self._generate(ids, gcfg, context)
+        except Busy as e:
+            await refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+    async def _generate(self, ids: list[int], gcfg: GenerationConfig, context) -> None:
+        tok = self.cfg.tokenizer
         t0 = time.perf_counter()
         prior: list[int] = []  # tokens committed before a failover
         stats = Stats(gcfg.mode)
         sent = 0  # characters of text streamed so far
+        backoff = 0.1  # seconds before retrying a session that a full stage refused
 
         async def emit(new: list[int], head: Head) -> None:
             """Stream newly committed tokens with the text they add (decoded in context, so merges stay right)."""
@@ -92,6 +111,14 @@ class GatewayService(rpc.GatewayServicer):
             prior += head.trimmed()
             if failure is None or len(prior) >= gcfg.max_new_tokens or (head.eos is not None and head.eos in prior):
                 break
+            if failure.code == ErrorCode.RESOURCE_EXHAUSTED:  # a stage is full: back-pressure, not a fault
+                waited = time.perf_counter() - t0
+                if waited >= self.cfg.limits.queue_timeout_s:
+                    await refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"{failure} (retried for {waited:.0f} s, the queue deadline)")
+                await asyncio.sleep(min(backoff, self.cfg.limits.queue_timeout_s - waited))
+                backoff = min(2 * backoff, 2.0)
+                continue
             if failure.code not in RETRYABLE or self.cfg.reroute is None or stats.failovers >= MAX_FAILOVERS:
                 await context.abort(grpc.StatusCode[failure.code.name], str(failure))
             try:
@@ -128,9 +155,27 @@ class GatewayService(rpc.GatewayServicer):
         return head, failure
 
     async def Verdicts(self, request_iterator, context):
-        async for m in request_iterator:
-            q = self.sessions.get(m.session_id)
-            if q is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session id {m.session_id!r}")
-            q.put_nowait(verdict_from_pb(m))
+        try:
+            async for m in request_iterator:
+                q = self.sessions.get(m.session_id)
+                if q is None:
+                    await refuse(context, grpc.StatusCode.NOT_FOUND, f"unknown session id {m.session_id!r}")
+                q.put_nowait(verdict_from_pb(m))
+        except WireError as e:
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.VerdictAck()
+
+
+async def refuse(context, code: grpc.StatusCode, details: str) -> None:
+    """End a call with `code`, after one log line (no traceback)."""
+    log.warning("refused a call from %s: %s %s", context.peer(), code.name, details)
+    await context.abort(code, details)
+
+
+def client_identity(context) -> str:
+    """Who a request counts against for the per-client quota: the `dsd-client` metadata, else the peer's host."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "dsd-client" and value:
+            return str(value)[:128]
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
