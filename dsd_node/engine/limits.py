@@ -39,8 +39,15 @@ class Limits:
     queue_timeout_s: float = 30.0  # gateway: longest wait for a slot (then RESOURCE_EXHAUSTED)
 
     def __post_init__(self) -> None:
-        for name in ("max_context", "max_tree_nodes", "max_branch", "max_draft_k", "max_sessions",
-                     "max_client_sessions", "queue_size"):
+        for name in (
+            "max_context",
+            "max_tree_nodes",
+            "max_branch",
+            "max_draft_k",
+            "max_sessions",
+            "max_client_sessions",
+            "queue_size",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} cannot be negative")
         if self.max_tree_nodes < 2 or self.max_draft_k < 1 or self.max_sessions < 1:
@@ -60,20 +67,29 @@ class Limits:
         if tree.branch > self.max_branch:
             raise LimitError(f"branch {tree.branch} exceeds this node's limit of {self.max_branch}")
         if tree.max_nodes > self.max_tree_nodes:
-            raise LimitError(f"max_nodes {tree.max_nodes} exceeds this node's limit of {self.max_tree_nodes} tree nodes")
+            raise LimitError(
+                f"max_nodes {tree.max_nodes} exceeds this node's limit of {self.max_tree_nodes} tree nodes"
+            )
         if draft_nodes(draft_k, tree) > self.max_tree_nodes:
-            raise LimitError(f"a draft of depth {draft_k} with branch {tree.branch} at {tree.branch_depth} levels has "
-                             f"{draft_nodes(draft_k, tree)} nodes, over this node's limit of {self.max_tree_nodes}")
+            raise LimitError(
+                f"a draft of depth {draft_k} with branch {tree.branch} at {tree.branch_depth} levels has "
+                f"{draft_nodes(draft_k, tree)} nodes, over this node's limit of {self.max_tree_nodes}"
+            )
 
     def check_generation(self, n_prompt: int, cfg: GenerationConfig, model_positions: int | None) -> None:
         """A whole request, at the gateway: prompt + new tokens within the context, and the shape of its rounds."""
         ctx = self.context(model_positions)
         if ctx is not None and n_prompt + cfg.max_new_tokens > ctx:
             what = "the model's context" if ctx == model_positions else "this gateway's limit"
-            fix = (f"ask for at most {ctx - n_prompt} new tokens or shorten the prompt" if n_prompt < ctx
-                   else f"shorten the prompt to under {ctx} tokens")
-            raise LimitError(f"prompt ({n_prompt} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceed {what} "
-                             f"of {ctx} positions: {fix}")
+            fix = (
+                f"ask for at most {ctx - n_prompt} new tokens or shorten the prompt"
+                if n_prompt < ctx
+                else f"shorten the prompt to under {ctx} tokens"
+            )
+            raise LimitError(
+                f"prompt ({n_prompt} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceed {what} "
+                f"of {ctx} positions: {fix}"
+            )
         if cfg.max_inflight > MAX_INFLIGHT:
             raise LimitError(f"max_inflight {cfg.max_inflight} exceeds the limit of {MAX_INFLIGHT}")
         if cfg.mode != "ar":
@@ -81,14 +97,25 @@ class Limits:
             self.check_shape(cfg.draft_k + 1, cfg.tree)
 
     def check_round(self, n_given: int, n_nodes: int, ctx_len: int, model_positions: int | None) -> None:
-        """One round at a stage, before any allocation: its draft nodes, and its positions within the context."""
+        """One round at a stage, before the tree is walked or anything allocated: its draft nodes, and its given
+        (prompt) nodes within the context. Speculation may run past the end of the context by one draft at most
+        (check_depth, once the tree is known to be well formed)."""
         if n_nodes - n_given > self.max_tree_nodes:
-            raise LimitError(f"round has {n_nodes - n_given} draft tree nodes, over this stage's limit of "
-                             f"{self.max_tree_nodes}")
+            raise LimitError(
+                f"round has {n_nodes - n_given} draft tree nodes, over this stage's limit of {self.max_tree_nodes}"
+            )
         ctx = self.context(model_positions)
-        if ctx is not None and ctx_len + n_nodes > ctx:
-            raise LimitError(f"round of {n_nodes} nodes after {ctx_len} positions exceeds the context of {ctx} "
-                             "positions")
+        if ctx is not None and ctx_len + n_given > ctx:
+            raise LimitError(
+                f"round of {n_given} given tokens after {ctx_len} positions exceeds the context of {ctx} positions"
+            )
+
+    def check_depth(self, ctx_len: int, depth: int, model_positions: int | None) -> None:
+        """The deepest node of a round (depth 0: a root) at position ctx_len + depth: within the context, plus
+        one draft of speculation past its end."""
+        ctx = self.context(model_positions)
+        if ctx is not None and ctx_len + depth + 1 > ctx + self.max_draft_k + 1:
+            raise LimitError(f"round reaches position {ctx_len + depth}, past the context of {ctx} positions")
 
 
 def draft_nodes(draft_k: int, tree: TreeShape) -> int:

@@ -60,6 +60,7 @@ class StageHandler:
         try:  # before the tree is walked: its size bounds every allocation of the round
             self.limits.check_round(msg.tree.n_given, len(msg.tree), ctx, self.positions)
             msg.tree.validate(sh.config.vocab_size)
+            self.limits.check_depth(ctx, max(msg.tree.depths()), self.positions)
         except ValueError as e:
             raise BadRound(str(e)) from e
         if sh.is_first:

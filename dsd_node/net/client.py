@@ -38,8 +38,6 @@ class ClientError(RuntimeError):
         hint = ""
         if code == grpc.StatusCode.UNAVAILABLE and (not details or "connect" in details.lower()):
             hint = " (is the gateway running at that address?)"  # gRPC's own words: nothing answered
-        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            hint = " (the network is busy: retry later)"
         super().__init__(f"{code.name}: {details}{hint}" if details else f"{code.name} from {address}{hint}")
 
 
