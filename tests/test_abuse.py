@@ -305,11 +305,11 @@ def rss_mb(net: Testnet) -> dict[str, int]:
 
 @pytest.mark.extended
 async def test_memory_is_returned_after_200_abandoned_sessions():
-    """200 generations with 1,000-token prompts, 40 at a time, each abandoned by its client after its first token:
+    """200 generations with 1,000-token prompts, 20 at a time, each abandoned by its client after its first token:
     once their sessions have ended, every stage's RSS is back near where it was after one such generation."""
     prompt = list(range(5, 1005))
     cfg = GenerationConfig(mode="ar", max_new_tokens=500, ignore_eos=True)
-    n = Testnet(plan(2, drafter=None, extra=["--round-timeout", "60"]))
+    n = Testnet(plan(2, drafter=None, extra=["--round-timeout", "200"]))
     try:
         await n.up()
         stages = _addr(n, "stage")
@@ -324,8 +324,8 @@ async def test_memory_is_returned_after_200_abandoned_sessions():
             await _wait_no_sessions(stages, 30)
             await asyncio.sleep(2)
             before = rss_mb(n)
-            for _ in range(5):
-                await asyncio.wait_for(asyncio.gather(*[abandon() for _ in range(40)]), 300)
+            for _ in range(10):
+                await asyncio.wait_for(asyncio.gather(*[abandon() for _ in range(20)]), 300)
             await _wait_no_sessions(stages, 30)
             await asyncio.sleep(2)
             after = rss_mb(n)

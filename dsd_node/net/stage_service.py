@@ -94,6 +94,9 @@ class StageService(rpc.StageServicer):
                 except StreamAbort as e:
                     problem = e
                     break
+                except Exception as e:  # never a silent end or a traceback to the caller: a status
+                    problem = StreamAbort(grpc.StatusCode.INTERNAL, f"sending on failed: {type(e).__name__}: {e}")
+                    break
                 if msg.tree.tokens:
                     idle_since = time.monotonic()
         finally:
