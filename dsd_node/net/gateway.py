@@ -142,13 +142,17 @@ class GatewayService(rpc.GatewayServicer):
         head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
         head.on_tokens = lambda new: emit(new, head)
         failure = None
+        cancelled = False
         try:
             await head.run(prompt)
         except GenerationError as e:
             failure = e
+        except asyncio.CancelledError:  # the client went away: stop the stages' work now, not after their queue
+            cancelled = True
+            raise
         finally:
             self.sessions.pop(sid, None)
-            await pipe.close(cancel=failure is not None)
+            await pipe.close(cancel=failure is not None or cancelled)
             end = getattr(self.cfg.drafter, "end_session", None)
             if end is not None:
                 await end(sid)

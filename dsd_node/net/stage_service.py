@@ -81,6 +81,7 @@ class StageService(rpc.StageServicer):
         out = _Outlets(self.channels)
         problem: StreamAbort | None = None
         idle_since = time.monotonic()  # the last new work: commit-only messages do not count
+        cancelled = False
         try:
             while True:
                 msg = await self._next(queue, out.down, idle_since + self.session_ttl_s)
@@ -99,12 +100,15 @@ class StageService(rpc.StageServicer):
                     break
                 if msg.tree.tokens:
                     idle_since = time.monotonic()
+        except asyncio.CancelledError:  # the caller cancelled: so does every stage after this one, at once
+            cancelled = True
+            raise
         finally:
             if sid:  # first, before any await: a cancelled handler must still free the session
                 self.handler.end_session(sid[0])
                 self.memory.freed()
             reader.cancel()
-            await out.close(cancel=problem is not None)
+            await out.close(cancel=problem is not None or cancelled)
         if problem is not None:
             log.warning("session %s from %s: %s %s", sid[0] if sid else None, context.peer(), problem.code.name,
                         problem.details)
@@ -175,5 +179,8 @@ class _Outlets:
         if self.down is not None:
             await self.down.close(cancel=cancel)
         if self.verdicts is not None:
+            if cancel:
+                self.verdicts.cancel()
+                return
             with contextlib.suppress(Exception):
                 await self.verdicts.done_writing()
