@@ -113,7 +113,7 @@ class StageHandler:
         if self.see_epoch(msg.session_id, msg.epoch) and msg.tree.tokens:
             msg = replace(msg, tree=TokenTree([], []), hidden=None)  # keep base: those segments are still live
         try:
-            self.runner.apply(msg.session_id, msg.commits, {rid for rid, _ in msg.base})
+            self.runner.apply(msg.session_id, msg.commits, {rid for rid, _ in msg.base}, create)
         except ValueError as e:
             raise BadRound(str(e)) from e
         if sh.is_last:
@@ -124,7 +124,7 @@ class StageHandler:
         if not msg.tree.tokens:
             return None if sh.is_last else replace(msg, hop=msg.hop + 1)
         try:
-            out = self.runner.forward(msg.session_id, msg.round_id, msg.base, msg.tree, msg.hidden)
+            out = self.runner.forward(msg.session_id, msg.round_id, msg.base, msg.tree, msg.hidden, create)
         except ValueError as e:
             raise BadRound(str(e)) from e
         if not sh.is_last:

@@ -50,6 +50,7 @@ class StageService(rpc.StageServicer):
     async def Forward(self, request_iterator, context):
         queue: asyncio.Queue[RoundMsg | StreamAbort | None] = asyncio.Queue()
         sid: list[str] = []  # the stream's session, once its first round names it
+        closed: list[bool] = []  # set when the handler ends: a session the reader opens after that is freed at once
 
         async def read() -> None:
             end: StreamAbort | None = None
@@ -61,6 +62,10 @@ class StageService(rpc.StageServicer):
                             raise WireError("round without a session id")
                         self.handler.open_session(msg.session_id)
                         sid.append(msg.session_id)
+                        if closed:  # the stream was cancelled as its first round arrived: nobody else frees it
+                            self.handler.end_session(msg.session_id)
+                            log.info("session %s: its stream ended as it opened; freed", msg.session_id)
+                            return
                     elif msg.session_id != sid[0]:
                         raise WireError(f"round for session {msg.session_id!r} on the stream of session {sid[0]!r}")
                     self.handler.see_epoch(sid[0], msg.epoch)  # older rounds still queued become commit-only
@@ -104,6 +109,7 @@ class StageService(rpc.StageServicer):
             cancelled = True
             raise
         finally:
+            closed.append(True)
             if sid:  # first, before any await: a cancelled handler must still free the session
                 self.handler.end_session(sid[0])
                 self.memory.freed()
@@ -129,11 +135,14 @@ class StageService(rpc.StageServicer):
         """The next message of the stream; an abort when the next stage failed or the session idled too long."""
         get = asyncio.ensure_future(queue.get())
         waits = {get, down.failed} if down is not None else {get}
-        done, _ = await asyncio.wait(waits, timeout=max(0.0, expires - time.monotonic()),
-                                     return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait(waits, timeout=max(0.0, expires - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not get.done():
+                get.cancel()
         if get in done:
             return get.result()
-        get.cancel()
         if down is not None and down.failed.done():
             code, details = down.failed.result()
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # back-pressure, not a fault of the next stage
