@@ -48,8 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute dtype (default auto: the checkpoint's dtype on a GPU, float32 on a CPU)")
     ap.add_argument("--threads", type=int,
                     help="torch threads (default 0: the cores of this host shared among its dsd-node processes)")
-    ap.add_argument("--max-sessions", dest="max_sessions", type=int, help="concurrent sessions (default 64)")
-    ap.add_argument("--session-ttl", dest="session_ttl", type=float, help="idle seconds before a session expires (300)")
+    ap.add_argument("--max-sessions", dest="max_sessions", type=int, help="concurrent sessions: per stage, and generations per head (default 64)")
+    ap.add_argument("--session-ttl", dest="session_ttl", type=float,
+                    help="seconds without a new round before a session expires; commit-only messages do not renew (30)")
+    ap.add_argument("--max-context", dest="max_context", type=int,
+                    help="prompt + new tokens per session (default 0: the model's context)")
+    ap.add_argument("--max-tree-nodes", dest="max_tree_nodes", type=int, help="draft tree nodes per round (256)")
+    ap.add_argument("--max-branch", dest="max_branch", type=int, help="draft tree alternatives per level (16)")
+    ap.add_argument("--max-draft-k", dest="max_draft_k", type=int, help="draft depth (main chain length) (64)")
+    ap.add_argument("--max-client-sessions", dest="max_client_sessions", type=int,
+                    help="head: generations running or queued per client, by the dsd-client metadata or the "
+                         "client's IP (default 0: no quota)")
+    ap.add_argument("--queue-size", dest="queue_size", type=int,
+                    help="head: requests that wait for a slot when all --max-sessions are in use (64)")
+    ap.add_argument("--queue-timeout", dest="queue_timeout", type=float,
+                    help="head: seconds a request waits for a slot before RESOURCE_EXHAUSTED (30)")
     ap.add_argument("--max-message-mb", dest="max_message_mb", type=int, help="largest accepted message (64 MB)")
     ap.add_argument("--max-inflight", dest="max_inflight", type=int,
                     help="head: default most dsi rounds in flight (0: one per stage of the route)")

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from dsd_node.engine.limits import Limits
+
 ROLES = ("stage", "drafter", "head", "bootstrap")
 
 
@@ -37,7 +39,14 @@ class NodeConfig:
     threads: int = 0  # 0: this host's cores shared among the dsd-node processes running on it
     max_mem_mb: int = 0  # --layers auto: memory this node may use (0: what the device has free)
     max_sessions: int = 64
-    session_ttl: float = 300.0
+    session_ttl: float = 30.0  # seconds without new work before a session expires (commit-only does not renew)
+    max_context: int = 0  # prompt + new tokens per session (0: the model's context)
+    max_tree_nodes: int = 256  # draft tree nodes per round
+    max_branch: int = 16
+    max_draft_k: int = 64
+    max_client_sessions: int = 0  # head: generations running or queued per client (0: no quota)
+    queue_size: int = 64  # head: requests waiting for a slot when all max_sessions are in use
+    queue_timeout: float = 30.0  # head: longest wait in that queue before RESOURCE_EXHAUSTED
     max_message_mb: int = 64
     max_inflight: int = 0
     max_kv_mb: int = 0
@@ -60,6 +69,13 @@ class NodeConfig:
     def route_addresses(self) -> list[str]:
         return [a.strip() for a in (self.route or "").split(",") if a.strip()]
 
+    def limits(self) -> Limits:
+        """The admission limits these settings give (dsd_node.engine.limits)."""
+        return Limits(max_context=self.max_context, max_tree_nodes=self.max_tree_nodes, max_branch=self.max_branch,
+                      max_draft_k=self.max_draft_k, max_sessions=self.max_sessions,
+                      max_client_sessions=self.max_client_sessions, session_ttl_s=self.session_ttl,
+                      queue_size=self.queue_size, queue_timeout_s=self.queue_timeout)
+
     def validate(self) -> None:
         bad = [r for r in self.roles if r not in ROLES]
         if bad or not self.roles:
@@ -69,6 +85,10 @@ class NodeConfig:
                 raise ConfigError(f"{name} cannot be negative")
         if self.max_sessions < 1 or self.max_message_mb < 1:
             raise ConfigError("max_sessions and max_message_mb must be at least 1")
+        try:
+            self.limits()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if ":" not in self.listen:
             raise ConfigError(f"listen address {self.listen!r} is not HOST:PORT")
         for name in ("http", "metrics"):

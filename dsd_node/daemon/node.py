@@ -164,7 +164,8 @@ class Node:
                 shard = load_shard(cfg.model, a, b, cfg.dtype, self.device)
                 tok = load_tokenizer(cfg.model) if shard.is_last else None
                 runner = ShardRunner(shard, max_sessions=cfg.max_sessions, max_kv_bytes=(cfg.max_kv_mb << 20) or None)
-                self.stage = StageHandler(runner, low_importance=(lambda: low_importance_mask(tok)) if tok else None)
+                self.stage = StageHandler(runner, low_importance=(lambda: low_importance_mask(tok)) if tok else None,
+                                          limits=cfg.limits())
             if "drafter" in self.roles or ("head" in self.roles and cfg.drafter):
                 spec = self.drafter_spec()
                 self.drafter = Drafter(spec.source, cfg.dtype, max_sessions=cfg.max_sessions, device=self.device,
@@ -205,7 +206,7 @@ class Node:
             rpc.add_StageServicer_to_server(StageService(self.stage, self.channels, self.cfg.session_ttl, self.metrics),
                                             self.server)
         if self.drafter is not None:
-            rpc.add_DrafterServicer_to_server(DrafterService(self.drafter), self.server)
+            rpc.add_DrafterServicer_to_server(DrafterService(self.drafter, self.cfg.limits()), self.server)
         if "head" in self.roles:
             self.gateway = GatewayService(self.address, self.channels, metrics=self.metrics)  # reply_to: last stages
             rpc.add_GatewayServicer_to_server(self.gateway, self.server)
@@ -324,7 +325,7 @@ class Node:
         else:
             raise NodeStartError("head needs --route ADDR,ADDR,... (stage addresses, first stage first) or --bootstrap")
         return GatewayConfig(route, tok, drafter, cfg.max_inflight, cfg.round_timeout, reroute,
-                             max_positions(load_config(cfg.model)))
+                             max_positions(load_config(cfg.model)), cfg.limits())
 
     async def serve(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -127,7 +127,7 @@ class Drafter:
         depth = min(req.depth, shape.max_nodes) if shape.max_nodes else req.depth
         alt_budget = shape.max_nodes - depth if shape.max_nodes else shape.branch * shape.branch_depth
         for level in range(depth):
-            n_alt = min(alt_budget, shape.branch if level < shape.branch_depth else 0)
+            n_alt = min(alt_budget, shape.branch if level < shape.branch_depth else 0, self.vocab_size - 1)
             alt_budget -= n_alt
             miss = self._oracle_misses(req.sampling.seed, len(req.context) + level)
             if sample:  # the token and its alternatives drawn i.i.d. from q, as multi-step speculative sampling needs

@@ -60,18 +60,22 @@ class ShardRunner:
     def kv_bytes(self) -> int:
         return sum(s.cache.nbytes() for s in self.sessions.values())
 
-    def apply(self, session_id: str, commits: list[tuple[int, list[int]]], keep_rounds: set[int]) -> None:
-        """Apply verdicts (in order), then drop every tentative segment not in keep_rounds."""
-        cache = self.session(session_id).cache
+    def apply(self, session_id: str, commits: list[tuple[int, list[int]]], keep_rounds: set[int],
+              create: bool = True) -> None:
+        """Apply verdicts (in order), then drop every tentative segment not in keep_rounds.
+
+        create=False: the session must still exist (a round running on a worker thread while its stream ends
+        must not bring the session back: nobody would free it)."""
+        cache = self.session(session_id, create).cache
         for rid, keep in commits:
             cache.commit(rid, keep)
         cache.retain(keep_rounds)
 
     @torch.inference_mode()
     def forward(self, session_id: str, round_id: int, base: list[tuple[int, list[int]]], tree: TokenTree,
-                hidden: torch.Tensor | None = None) -> torch.Tensor:
+                hidden: torch.Tensor | None = None, create: bool = True) -> torch.Tensor:
         sh = self.shard
-        cache = self.session(session_id).cache
+        cache = self.session(session_id, create).cache
         ctx = cache.begin(round_id, base, len(tree))
         mask, pos = tree_attention(tree.parents, ctx, sh.dtype, sh.device)
         return run_shard(sh, cache, mask, pos, tokens=tree.tokens, hidden=hidden)

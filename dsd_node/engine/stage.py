@@ -14,7 +14,9 @@ from dataclasses import replace
 
 import torch
 
+from dsd_node.engine.limits import Limits
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
+from dsd_node.engine.models import max_positions
 from dsd_node.engine.shard_runner import ShardRunner
 from dsd_node.engine.tree import TokenTree
 from dsd_node.engine.verify import Rule, VerifierSession
@@ -24,9 +26,16 @@ class BadRound(ValueError):
     """A round this stage cannot run: wrong layers, wrong tensor shape or dtype, malformed tree."""
 
 
+class SessionExists(ValueError):
+    """A second stream names a session that another stream holds on this stage."""
+
+
 class StageHandler:
-    def __init__(self, runner: ShardRunner, low_importance: Callable[[], torch.Tensor] | None = None):
+    def __init__(self, runner: ShardRunner, low_importance: Callable[[], torch.Tensor] | None = None,
+                 limits: Limits | None = None):
         self.runner = runner
+        self.limits = limits or Limits(max_sessions=runner.max_sessions)
+        self.positions = max_positions(runner.shard)
         self._low_importance_fn = low_importance
         self._low_importance: torch.Tensor | None = None
 
@@ -46,8 +55,12 @@ class StageHandler:
                 raise BadRound(f"round is for layers {want.layer_start}:{want.layer_end}, this node hosts {sh.start}:{sh.end}")
         if not msg.tree.tokens:
             return
-        try:
+        sess = self.runner.sessions.get(msg.session_id)
+        ctx = (sess.cache.committed_len if sess else 0) + sum(len(path) for _, path in msg.base)
+        try:  # before the tree is walked: its size bounds every allocation of the round
+            self.limits.check_round(msg.tree.n_given, len(msg.tree), ctx, self.positions)
             msg.tree.validate(sh.config.vocab_size)
+            self.limits.check_depth(ctx, max(msg.tree.depths()), self.positions)
         except ValueError as e:
             raise BadRound(str(e)) from e
         if sh.is_first:
@@ -70,7 +83,9 @@ class StageHandler:
             raise BadRound(f"hidden states have shape {tuple(h.shape)}, expected {(1, len(msg.tree), sh.hidden_size)}")
 
     def open_session(self, session_id: str) -> None:
-        """Hold a new session (SessionLimitError when this node is full)."""
+        """Hold a new session (SessionLimitError when this node is full, SessionExists when it is held)."""
+        if session_id in self.runner.sessions:
+            raise SessionExists(f"session {session_id!r} is already open on this stage (another stream holds it)")
         self.runner.session(session_id)
 
     def end_session(self, session_id: str) -> bool:
@@ -98,7 +113,7 @@ class StageHandler:
         if self.see_epoch(msg.session_id, msg.epoch) and msg.tree.tokens:
             msg = replace(msg, tree=TokenTree([], []), hidden=None)  # keep base: those segments are still live
         try:
-            self.runner.apply(msg.session_id, msg.commits, {rid for rid, _ in msg.base})
+            self.runner.apply(msg.session_id, msg.commits, {rid for rid, _ in msg.base}, create)
         except ValueError as e:
             raise BadRound(str(e)) from e
         if sh.is_last:
@@ -109,7 +124,7 @@ class StageHandler:
         if not msg.tree.tokens:
             return None if sh.is_last else replace(msg, hop=msg.hop + 1)
         try:
-            out = self.runner.forward(msg.session_id, msg.round_id, msg.base, msg.tree, msg.hidden)
+            out = self.runner.forward(msg.session_id, msg.round_id, msg.base, msg.tree, msg.hidden, create)
         except ValueError as e:
             raise BadRound(str(e)) from e
         if not sh.is_last:

@@ -61,6 +61,16 @@ class TokenTree:
             raise TreeError(f"token id outside the vocabulary (0..{vocab_size - 1})")
         if self.draft_dists and len(self.draft_dists) != len(self.tokens):
             raise TreeError("draft_dists must be empty or one per node")
+        for i, d in enumerate(self.draft_dists):
+            if d is None:
+                continue
+            if len(d.ids) != len(d.probs):
+                raise TreeError(f"draft distribution of node {i} has {len(d.ids)} ids but {len(d.probs)} probabilities")
+            if vocab_size is not None and any(not 0 <= t < vocab_size for t in d.ids):
+                raise TreeError(f"draft distribution of node {i} has a token id outside the vocabulary "
+                                f"(0..{vocab_size - 1})")
+            if not all(0 <= p <= 1 for p in d.probs):  # false for NaN too
+                raise TreeError(f"draft distribution of node {i} has a probability outside [0, 1]")
 
     def depths(self) -> list[int]:
         d: list[int] = []

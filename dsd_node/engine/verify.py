@@ -58,7 +58,7 @@ class SamplingParams:
     def create(temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, adaptive: bool = False,
                adaptive_margin: float = 0.05, adaptive_tie_margin: float = 0.01) -> SamplingParams:
         """temperature 0 means greedy; adaptive relaxes greedy acceptance (lossy)."""
-        if temperature < 0 or not 0 < top_p <= 1:
+        if not (0 <= temperature < float("inf")) or not 0 < top_p <= 1:  # NaN fails both comparisons
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if adaptive and temperature > 0:
             raise ValueError("adaptive verification relaxes greedy decoding: use it with temperature 0")

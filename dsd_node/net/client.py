@@ -35,7 +35,9 @@ class ClientError(RuntimeError):
             super().__init__(f"{address} is not a dsd gateway (it answers gRPC but has no Gateway service: "
                              "a stage's address?)")
             return
-        hint = " (is the gateway running at that address?)" if code == grpc.StatusCode.UNAVAILABLE else ""
+        hint = ""
+        if code == grpc.StatusCode.UNAVAILABLE and (not details or "connect" in details.lower()):
+            hint = " (is the gateway running at that address?)"  # gRPC's own words: nothing answered
         super().__init__(f"{code.name}: {details}{hint}" if details else f"{code.name} from {address}{hint}")
 
 

@@ -12,18 +12,19 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import grpc
 
 from dsd_node.engine.config import ErrorCode, GenerationConfig, GenerationError, Stats
 from dsd_node.engine.head import DraftSource, Head
+from dsd_node.engine.limits import Limits
 from dsd_node.engine.messages import Hop
-from dsd_node.engine.models import check_context
+from dsd_node.net.admission import Admission, Busy
 from dsd_node.net.grpc_util import Channels
 from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import GrpcPipeline
-from dsd_node.net.wire import generation_config_from_pb, stats_to_pb, verdict_from_pb
+from dsd_node.net.wire import WireError, generation_config_from_pb, stats_to_pb, verdict_from_pb
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
@@ -47,6 +48,7 @@ class GatewayConfig:
     round_timeout_s: float = 60.0
     reroute: Callable[[list[Hop]], Awaitable[list[Hop]]] | None = None  # failover (with discovery)
     max_positions: int | None = None  # the target's context: prompt + max_new_tokens must fit
+    limits: Limits = field(default_factory=Limits)  # per-request caps, session slots and the queue
 
 
 class GatewayService(rpc.GatewayServicer):
@@ -61,25 +63,33 @@ class GatewayService(rpc.GatewayServicer):
         self.active = 0  # generations running now
         self.metrics.set_source(self.metrics.rounds_in_flight, lambda: sum(len(h.inflight) for h in self.heads))
         self.metrics.set_source(self.metrics.active_sessions.labels("head"), lambda: self.active)
+        self._admission: Admission | None = None
 
     @property
     def route(self) -> list[Hop]:
         return list(self.cfg.route) if self.cfg is not None else []
 
+    @property
+    def admission(self) -> Admission:
+        if self._admission is None:
+            lim = self.cfg.limits
+            self._admission = Admission(lim.max_sessions, lim.queue_size, lim.queue_timeout_s, lim.max_client_sessions)
+        return self._admission
+
     async def Generate(self, request, context):
         try:
             gcfg = generation_config_from_pb(request, self.cfg.default_max_inflight if self.cfg else 0)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
         async def emit(tokens: list[int], text: str) -> None:
             await context.write(pb.GenerateEvent(tokens=tokens, text=text))
 
         try:
             ids = list(request.prompt_tokens) or self.encode(request.prompt)
-            stats = await self.generate(ids, gcfg, emit)
+            stats = await self.generate(ids, gcfg, emit, client_identity(context))
         except GenerationError as e:
-            await context.abort(grpc.StatusCode[e.code.name], str(e))
+            await refuse(context, grpc.StatusCode[e.code.name], str(e))
         await context.write(pb.GenerateEvent(stats=stats_to_pb(stats)))
 
     def encode(self, prompt: str) -> list[int]:
@@ -87,10 +97,11 @@ class GatewayService(rpc.GatewayServicer):
             raise GenerationError("gateway is still building its route; retry shortly")
         return self.cfg.tokenizer(prompt)["input_ids"]
 
-    async def generate(self, ids: list[int], gcfg: GenerationConfig, emit: Emit) -> Stats:
+    async def generate(self, ids: list[int], gcfg: GenerationConfig, emit: Emit, client: str = "") -> Stats:
         """Generate from prompt token ids, calling `emit(new_tokens, new_text)` as rounds commit; the generation's
         Stats. The in-process entry point of the gRPC Generate call and the HTTP API; GenerationError (with the
-        code to answer) when the request is bad or the network cannot serve it."""
+        code to answer) when the request is bad or the network cannot serve it. `client` counts against the
+        per-client session quota; a request waits in the admission queue while every slot is taken."""
         if self.cfg is None:
             raise GenerationError("gateway is still building its route; retry shortly")
         tok = self.cfg.tokenizer
@@ -99,17 +110,26 @@ class GatewayService(rpc.GatewayServicer):
         if any(not 0 <= t < len(tok) for t in ids):
             raise GenerationError("prompt token outside the vocabulary", ErrorCode.INVALID_ARGUMENT)
         try:
-            check_context(len(ids), gcfg.max_new_tokens, self.cfg.max_positions)
+            self.cfg.limits.check_generation(len(ids), gcfg, self.cfg.max_positions)
         except ValueError as e:
             raise GenerationError(str(e), ErrorCode.INVALID_ARGUMENT) from None
         if gcfg.mode != "ar" and self.cfg.drafter is None:
             raise GenerationError(f"mode {gcfg.mode} needs a drafter; this gateway has none", ErrorCode.FAILED_PRECONDITION)
+        try:
+            async with self.admission.slot(client):
+                return await self._generate(ids, gcfg, emit)
+        except Busy as e:
+            raise GenerationError(str(e), ErrorCode.RESOURCE_EXHAUSTED) from None
+
+    async def _generate(self, ids: list[int], gcfg: GenerationConfig, emit: Emit) -> Stats:
+        tok = self.cfg.tokenizer
         t0 = time.perf_counter()
         prior: list[int] = []  # tokens committed before a failover
         stats = Stats(gcfg.mode)
         sent = 0  # characters of text streamed so far
         last: list[float] = []  # when the last tokens were emitted
         stopped = False  # emit asked to stop
+        backoff = 0.1  # seconds before retrying a session that a full stage refused
         self.metrics.generation_started(len(ids))
         self.active += 1
 
@@ -136,6 +156,14 @@ class GatewayService(rpc.GatewayServicer):
                 prior += head.trimmed()
                 if failure is None or stopped or len(prior) >= gcfg.max_new_tokens or (head.eos is not None and head.eos in prior):
                     break
+                if failure.code == ErrorCode.RESOURCE_EXHAUSTED:  # a stage is full: back-pressure, not a fault
+                    waited = time.perf_counter() - t0
+                    if waited >= self.cfg.limits.queue_timeout_s:
+                        raise GenerationError(f"{failure} (retried for {waited:.0f} s, the queue deadline)",
+                                              ErrorCode.RESOURCE_EXHAUSTED) from None
+                    await asyncio.sleep(min(backoff, self.cfg.limits.queue_timeout_s - waited))
+                    backoff = min(2 * backoff, 2.0)
+                    continue
                 if failure.code not in RETRYABLE or self.cfg.reroute is None or stats.failovers >= MAX_FAILOVERS:
                     raise failure
                 try:
@@ -187,9 +215,27 @@ class GatewayService(rpc.GatewayServicer):
         return head, failure
 
     async def Verdicts(self, request_iterator, context):
-        async for m in request_iterator:
-            q = self.sessions.get(m.session_id)
-            if q is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session id {m.session_id!r}")
-            q.put_nowait(verdict_from_pb(m))
+        try:
+            async for m in request_iterator:
+                q = self.sessions.get(m.session_id)
+                if q is None:
+                    await refuse(context, grpc.StatusCode.NOT_FOUND, f"unknown session id {m.session_id!r}")
+                q.put_nowait(verdict_from_pb(m))
+        except WireError as e:
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.VerdictAck()
+
+
+async def refuse(context, code: grpc.StatusCode, details: str) -> None:
+    """End a call with `code`, after one log line (no traceback)."""
+    log.warning("refused a call from %s: %s %s", context.peer(), code.name, details)
+    await context.abort(code, details)
+
+
+def client_identity(context) -> str:
+    """Who a request counts against for the per-client quota: the `dsd-client` metadata, else the peer's host."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "dsd-client" and value:
+            return str(value)[:128]
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer

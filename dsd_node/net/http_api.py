@@ -139,7 +139,8 @@ class _Completion:
 
     async def run(self, gateway: GatewayService) -> web.StreamResponse:
         try:
-            stats = await gateway.generate(self.req.prompt_ids, self.req.config, self.emit)
+            stats = await gateway.generate(self.req.prompt_ids, self.req.config, self.emit,
+                                           client=f"http:{self.request.remote}")
         except ConnectionResetError:  # the client hung up mid-stream: the generation was cancelled; nothing to say
             log.info("client went away mid-stream; generation cancelled")
             return self.stream

@@ -82,15 +82,18 @@ class GrpcPipeline:
 
     async def recv(self) -> VerdictMsg:
         get = asyncio.ensure_future(self.verdicts.get())
-        done, _ = await asyncio.wait({get, self.link.failed}, timeout=self.round_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({get, self.link.failed}, timeout=self.round_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the generation is cancelled: no pending task left behind ("Task was destroyed")
+            if not get.done():
+                get.cancel()
         if get in done:
             v = get.result()
             t0 = self.sent_at.pop(v.round_id, None)
             if t0 is not None:
                 self.on_round_trip(time.perf_counter() - t0)
             return v
-        get.cancel()
         if self.link.failed in done:
             code, details = self.link.failed.result()
             raise GenerationError(f"pipeline failed: {code.name}: {details}", error_code(code))

@@ -17,9 +17,10 @@ import time
 import grpc
 
 from dsd_node.engine.config import GenerationError
+from dsd_node.engine.memory import MemoryReturner
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.shard_runner import SessionLimitError
-from dsd_node.engine.stage import BadRound, StageHandler
+from dsd_node.engine.stage import BadRound, SessionExists, StageHandler
 from dsd_node.net.grpc_util import Channels
 from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import StreamLink
@@ -39,9 +40,13 @@ class StreamAbort(Exception):
 
 
 class StageService(rpc.StageServicer):
-    def __init__(self, handler: StageHandler, channels: Channels, session_ttl_s: float = 300.0,
-                 metrics: NodeMetrics | None = None):
+    """session_ttl_s: a session whose stream brings no new work (a round with a tree) for this long expires;
+    commit-only messages do not renew it, so a caller cannot hold a slot with them."""
+
+    def __init__(self, handler: StageHandler, channels: Channels, session_ttl_s: float = 30.0,
+                 metrics: NodeMetrics | None = None, memory: MemoryReturner | None = None):
         self.handler, self.channels, self.session_ttl_s = handler, channels, session_ttl_s
+        self.memory = memory or MemoryReturner()
         self.metrics = metrics or NodeMetrics()
         sh = handler.runner.shard
         self.layers = f"{sh.start}:{sh.end}"
@@ -52,8 +57,10 @@ class StageService(rpc.StageServicer):
     async def Forward(self, request_iterator, context):
         queue: asyncio.Queue[RoundMsg | StreamAbort | None] = asyncio.Queue()
         sid: list[str] = []  # the stream's session, once its first round names it
+        closed: list[bool] = []  # set when the handler ends: a session the reader opens after that is freed at once
 
         async def read() -> None:
+            end: StreamAbort | None = None
             try:
                 async for m in request_iterator:
                     msg = round_from_pb(m)
@@ -62,23 +69,35 @@ class StageService(rpc.StageServicer):
                             raise WireError("round without a session id")
                         self.handler.open_session(msg.session_id)
                         sid.append(msg.session_id)
+                        if closed:  # the stream was cancelled as its first round arrived: nobody else frees it
+                            self.handler.end_session(msg.session_id)
+                            log.info("session %s: its stream ended as it opened; freed", msg.session_id)
+                            return
                     elif msg.session_id != sid[0]:
                         raise WireError(f"round for session {msg.session_id!r} on the stream of session {sid[0]!r}")
                     self.handler.see_epoch(sid[0], msg.epoch)  # older rounds still queued become commit-only
                     queue.put_nowait(msg)
-                queue.put_nowait(None)
-            except WireError as e:
-                queue.put_nowait(StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+            except (WireError, BadRound) as e:
+                end = StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except SessionExists as e:
+                end = StreamAbort(grpc.StatusCode.ALREADY_EXISTS, str(e))
             except SessionLimitError as e:
-                queue.put_nowait(StreamAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))
+                end = StreamAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # never a silent end: the stream fails with what went wrong
+                end = StreamAbort(grpc.StatusCode.INTERNAL, f"reading the stream failed: {type(e).__name__}: {e}")
+            queue.put_nowait(end)  # None: the caller closed the stream
 
         reader = asyncio.create_task(read())
         out = _Outlets(self.channels)
         problem: StreamAbort | None = None
         self.queues.add(queue)
+        idle_since = time.monotonic()  # the last new work: commit-only messages do not count
+        cancelled = False
         try:
             while True:
-                msg = await self._next(queue, out.down)
+                msg = await self._next(queue, out.down, idle_since + self.session_ttl_s)
                 if msg is None:
                     break
                 if isinstance(msg, StreamAbort):
@@ -89,14 +108,25 @@ class StageService(rpc.StageServicer):
                 except StreamAbort as e:
                     problem = e
                     break
+                except Exception as e:  # never a silent end or a traceback to the caller: a status
+                    problem = StreamAbort(grpc.StatusCode.INTERNAL, f"sending on failed: {type(e).__name__}: {e}")
+                    break
+                if msg.tree.tokens:
+                    idle_since = time.monotonic()
+        except asyncio.CancelledError:  # the caller cancelled: so does every stage after this one, at once
+            cancelled = True
+            raise
         finally:
             self.queues.discard(queue)
+            closed.append(True)
             if sid:  # first, before any await: a cancelled handler must still free the session
                 self.handler.end_session(sid[0])
+                self.memory.freed()
             reader.cancel()
-            await out.close(cancel=problem is not None)
+            await out.close(cancel=problem is not None or cancelled)
         if problem is not None:
-            log.warning("session %s: %s %s", sid[0] if sid else None, problem.code.name, problem.details)
+            log.warning("session %s from %s: %s %s", sid[0] if sid else None, context.peer(), problem.code.name,
+                        problem.details)
             await context.abort(problem.code, problem.details)
 
     async def _handle(self, msg: RoundMsg) -> RoundMsg | VerdictMsg | None:
@@ -110,19 +140,29 @@ class StageService(rpc.StageServicer):
             raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         except SessionLimitError as e:
             raise StreamAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
+        except Exception as e:  # a round that breaks the shard: the stream fails with a status, not silence
+            raise StreamAbort(grpc.StatusCode.INTERNAL, f"round {msg.round_id} failed: {type(e).__name__}: {e}") from e
 
-    async def _next(self, queue: asyncio.Queue, down: StreamLink | None) -> RoundMsg | StreamAbort | None:
+    async def _next(self, queue: asyncio.Queue, down: StreamLink | None, expires: float
+                    ) -> RoundMsg | StreamAbort | None:
         """The next message of the stream; an abort when the next stage failed or the session idled too long."""
         get = asyncio.ensure_future(queue.get())
         waits = {get, down.failed} if down is not None else {get}
-        done, _ = await asyncio.wait(waits, timeout=self.session_ttl_s, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait(waits, timeout=max(0.0, expires - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not get.done():
+                get.cancel()
         if get in done:
             return get.result()
-        get.cancel()
         if down is not None and down.failed.done():
             code, details = down.failed.result()
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # back-pressure, not a fault of the next stage
+                return StreamAbort(code, f"next stage {down.address} is full: {details}")
             return StreamAbort(grpc.StatusCode.UNAVAILABLE, f"next stage {down.address} failed: {code.name}: {details}")
-        return StreamAbort(grpc.StatusCode.DEADLINE_EXCEEDED, f"session idle for {self.session_ttl_s:.0f} s: expired")
+        return StreamAbort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"session expired: no new round for {self.session_ttl_s:g} s")
 
     async def EndSession(self, request, context):
         if not self.handler.end_session(request.session_id):
@@ -161,5 +201,8 @@ class _Outlets:
         if self.down is not None:
             await self.down.close(cancel=cancel)
         if self.verdicts is not None:
+            if cancel:
+                self.verdicts.cancel()
+                return
             with contextlib.suppress(Exception):
                 await self.verdicts.done_writing()

@@ -21,6 +21,7 @@ from dsd_node.proto import dsd_pb2 as pb
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+MAX_TENSOR_DIMS, MAX_TENSOR_DIM = 8, 1 << 31  # sizes no message of 256 MB can fill, and no view overflows
 
 
 class WireError(ValueError):
@@ -46,6 +47,9 @@ def tensor_from_pb(m: pb.Tensor) -> torch.Tensor:
     shape = list(m.shape)
     if any(d < 0 for d in shape):
         raise WireError(f"negative dimension in tensor shape {shape}")
+    if len(shape) > MAX_TENSOR_DIMS or any(d > MAX_TENSOR_DIM for d in shape):
+        raise WireError(f"tensor shape {shape} is out of bounds (at most {MAX_TENSOR_DIMS} dimensions of at most "
+                        f"{MAX_TENSOR_DIM} each)")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(m.data) != math.prod(shape) * itemsize:
         raise WireError(f"tensor bytes ({len(m.data)}) do not match shape {shape} of {m.dtype} "
@@ -62,6 +66,13 @@ def sampling_to_pb(s: SamplingParams) -> pb.Sampling:
 def sampling_from_pb(m: pb.Sampling) -> SamplingParams:
     if m.rule not in (r.value for r in Rule):
         raise WireError(f"unknown sampling rule {m.rule}")
+    if not (math.isfinite(m.temperature) and m.temperature >= 0):
+        raise WireError(f"temperature must be a finite number >= 0, got {m.temperature}")
+    if not 0 <= m.top_p <= 1:  # false for NaN too; 0 means unset (1)
+        raise WireError(f"top_p must be in (0, 1], got {m.top_p}")
+    for name in ("adaptive_margin", "adaptive_tie_margin"):
+        if not 0 <= getattr(m, name) <= 1:
+            raise WireError(f"{name} must be in [0, 1], got {getattr(m, name)}")
     return SamplingParams(Rule(m.rule), m.temperature or 1.0, m.top_p or 1.0, m.seed, m.adaptive_margin,
                           m.adaptive_tie_margin)
 
