@@ -12,6 +12,7 @@ import grpc
 from dsd_node.engine.config import ErrorCode, GenerationError
 from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
+from dsd_node.net.deadline import AdaptiveDeadline
 from dsd_node.net.grpc_util import error_code, rpc_error_text
 from dsd_node.net.wire import draft_from_pb, draft_request_to_pb, round_to_pb
 from dsd_node.proto import dsd_pb2 as pb
@@ -61,30 +62,51 @@ class StreamLink:
 
 
 class GrpcPipeline:
-    """The Pipeline of a head session over the network (see dsd_node.engine.head.Pipeline)."""
+    """The Pipeline of a head session over the network (see dsd_node.engine.head.Pipeline).
+
+    Each verdict must come within the deadline of the oldest round still waiting for one (an
+    AdaptiveDeadline: a multiple of recent round times), so a hung stage is noticed in seconds."""
 
     def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
-                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0):
+                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None):
         self.session_id, self.route, self.reply_to = session_id, route, reply_to
         self.verdicts = verdicts
-        self.round_timeout_s = round_timeout_s
+        self.deadline = deadline or AdaptiveDeadline(cap_s=round_timeout_s, floor_s=min(3.0, round_timeout_s))
         self.link = StreamLink(route[0].address, channel)
+        self._waiting: dict[int, tuple[float, int]] = {}  # round id -> (sent at, tree nodes), in send order
 
     async def send(self, msg: RoundMsg) -> None:
         msg.route, msg.hop, msg.reply_to = self.route, 0, self.reply_to
+        if len(msg.tree):  # a commit-only message gets no verdict
+            self._waiting[msg.round_id] = (time.monotonic(), len(msg.tree))
         await self.link.write(round_to_pb(msg))
 
+    def _timeout(self) -> float:
+        if not self._waiting:
+            return self.deadline.cap_s
+        now = time.monotonic()
+        return max(0.0, min(t + self.deadline.deadline_s(n) - now for t, n in self._waiting.values()))
+
+    def _answered(self, round_id: int) -> None:
+        sent = self._waiting.pop(round_id, None)
+        for rid in [r for r in self._waiting if r < round_id]:  # older rounds given up: no verdict will come
+            del self._waiting[rid]
+        if sent is not None:
+            self.deadline.observe(time.monotonic() - sent[0], sent[1])
+
     async def recv(self) -> VerdictMsg:
+        timeout = self._timeout()
         get = asyncio.ensure_future(self.verdicts.get())
-        done, _ = await asyncio.wait({get, self.link.failed}, timeout=self.round_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({get, self.link.failed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if get in done:
-            return get.result()
+            v = get.result()
+            self._answered(v.round_id)
+            return v
         get.cancel()
         if self.link.failed in done:
             code, details = self.link.failed.result()
             raise GenerationError(f"pipeline failed: {code.name}: {details}", error_code(code))
-        raise GenerationError(f"no verdict within {self.round_timeout_s:.0f} s: a stage is stuck or unreachable",
+        raise GenerationError(f"no verdict within the round deadline ({timeout:.1f} s): a stage is stuck or unreachable",
                               ErrorCode.DEADLINE_EXCEEDED)
 
     async def close(self, cancel: bool = False) -> None:

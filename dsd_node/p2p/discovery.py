@@ -106,9 +106,11 @@ class Discovery(TrioPeer):
         query_timeout_s: float = 5.0,
         maintain_interval_s: float = 5.0,
         provide_interval_s: float = 30.0,
+        require_bootstrap: bool = True,
     ) -> None:
         super().__init__(identity, listen_host, listen_port, bootstrap, connect_timeout_s=connect_timeout_s,
-                         query_timeout_s=query_timeout_s, maintain_interval_s=maintain_interval_s)
+                         query_timeout_s=query_timeout_s, maintain_interval_s=maintain_interval_s,
+                         require_bootstrap=require_bootstrap)
         self.provide_interval_s = provide_interval_s
         self.invalid_seen = 0  # records dropped by find() as invalid (garbage, forged, expired, ...)
         self._announced: dict[str, NodeRecord] = {}
