@@ -81,7 +81,7 @@ class Head:
         return len(gen) >= self.cfg.max_new_tokens or (self.eos is not None and self.eos in gen)
 
     def _depth_limit(self) -> int:
-        if self.cfg.mode != "dsi":
+        if self.cfg.mode != "dsi" or self.drafter_down:  # no drafter now: no rounds on top of rounds
             return 1
         # the i-th round behind the oldest is still valid with probability ~ rate^i: speculate while
         # that chance is at least min_valid_prob (wasted rounds cost stage compute, not link time)
