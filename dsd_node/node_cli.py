@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "is a multiple of recent round times, at least --round-floor")
     ap.add_argument("--round-floor", dest="round_floor", type=float,
                     help="head: shortest wait for a verdict, in seconds (3): a hung stage costs about this much")
+    ap.add_argument("--exclude-backoff", dest="exclude_backoff", type=float,
+                    help="head: seconds a failed stage or drafter is kept out of routes the first time (5); each "
+                         "further failure doubles it (up to 120 s), then it is probed and used again")
     ap.add_argument("--identity", help="libp2p identity key file (created on first start, mode 0600)")
     ap.add_argument("--bootstrap", action="append",
                     help="bootstrap peer multiaddr (repeatable; any node's p2p address works; unreachable ones "

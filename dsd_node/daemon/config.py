@@ -44,6 +44,7 @@ class NodeConfig:
     max_kv_mb: int = 0
     round_timeout: float = 60.0  # the longest round deadline (and the one before any round was measured)
     round_floor: float = 3.0  # the shortest round deadline (else a multiple of recent round times)
+    exclude_backoff: float = 5.0  # head: first exclusion of a failed peer, in seconds (doubles per failure)
     identity: str | None = None
     bootstrap: list[str] = field(default_factory=list)
     listen_p2p: str | None = None
@@ -66,6 +67,9 @@ class NodeConfig:
         for name in ("threads", "max_sessions", "max_message_mb", "max_inflight", "max_kv_mb", "max_mem_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} cannot be negative")
+        for name in ("round_timeout", "round_floor", "exclude_backoff"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
         if self.max_sessions < 1 or self.max_message_mb < 1:
             raise ConfigError("max_sessions and max_message_mb must be at least 1")
         if ":" not in self.listen:

@@ -262,7 +262,7 @@ class Node:
     async def gateway_config(self) -> GatewayConfig:
         cfg = self.cfg
         tok = load_tokenizer(cfg.model)
-        exclusions = Exclusions()
+        exclusions = Exclusions(base_s=cfg.exclude_backoff, max_s=max(120.0, cfg.exclude_backoff))
         finder = None
         if self.discovery is not None and not cfg.route:
             finder = RouteFinder(self.discovery, self.channels, cfg.model, self.model_hash, model_num_layers(cfg.model),
