@@ -76,12 +76,15 @@ def route_of(records: list[NodeRecord], rtt_ms: dict[str, float], num_layers: in
                        model_id=model_id)
 
 
+FORGET_S = 60.0  # a route finder forgets a stage record this long after it expired unrefreshed
+
+
 class RouteFinder:
     """The head's routes: waits (with a visible message) until the network covers every layer; re-routes on failure.
 
     Peers in `exclusions` (by gRPC address) are left out until their backoff ends; the gateway decides who is
-    excluded. A DHT lookup that fails or times out falls back to the records found last, so a slow DHT never
-    stops a failover: the probes decide which of them are alive."""
+    excluded. Records found before are kept (a lookup that fails, times out or misses some falls back on them),
+    so a slow DHT never stops a failover: the probes decide which stages are alive."""
 
     def __init__(self, discovery: Discovery, channels: Channels, model_id: str, model_hash: str | None,
                  num_layers: int, say: Callable[[str], None] = print, exclusions: Exclusions | None = None):
@@ -89,16 +92,20 @@ class RouteFinder:
         self.model_id, self.model_hash, self.num_layers = model_id, model_hash, num_layers
         self.say = say
         self.exclusions = exclusions or Exclusions()
-        self.known: list[NodeRecord] = []  # the stage records of the last lookup that found any
+        self.known: list[NodeRecord] = []  # every stage record found so far (see records())
 
     async def records(self) -> list[NodeRecord]:
+        """The stage records found now, plus those found before (a lookup slowed by a dead or frozen peer may
+        miss some); records not refreshed for FORGET_S after they expired are dropped."""
         try:
             found = await stage_records(self.discovery, self.model_id, self.model_hash)
         except Exception as e:  # noqa: BLE001 - DiscoveryError, a trio error group from a timed-out query...
             log.warning("stage lookup failed (%r); using the %d records found before", e, len(self.known))
             found = []
-        if found:
-            self.known = found
+        now = time.time()
+        merged = {r.peer_id: r for r in self.known if r.expires_at > now - FORGET_S}
+        merged.update({r.peer_id: r for r in found})
+        self.known = sorted(merged.values(), key=lambda r: (r.layer_start, r.peer_id))
         return list(self.known)
 
     async def route(self, wait_s: float = 0.0) -> list[Hop]:
