@@ -284,6 +284,7 @@ class Node:
         elif finder is not None:
             route = await finder.route(wait_s=cfg.route_wait)
             reroute = finder.reroute
+            self.tasks.append(asyncio.create_task(finder.keep_fresh(cfg.announce_ttl / 3)))
         else:
             raise NodeStartError("head needs --route ADDR,ADDR,... (stage addresses, first stage first) or --bootstrap")
         if isinstance(drafter, DrafterPool):

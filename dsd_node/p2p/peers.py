@@ -108,12 +108,14 @@ class RouteFinder:
         self.known = sorted(merged.values(), key=lambda r: (r.layer_start, r.peer_id))
         return list(self.known)
 
-    async def route(self, wait_s: float = 0.0) -> list[Hop]:
+    async def route(self, wait_s: float = 0.0, lookup: bool = True) -> list[Hop]:
+        """The cheapest route among the stages that answer now (lookup=False: among those found before)."""
         deadline = time.monotonic() + wait_s
         last = ""
         while True:
             excluded = self.exclusions.excluded()
-            records = [r for r in await self.records() if r.grpc_address not in excluded]
+            known = await self.records() if lookup or not self.known else list(self.known)
+            records = [r for r in known if r.grpc_address not in excluded]
             try:
                 chosen = route_of(records, await probe_all(self.channels, records), self.num_layers, self.model_id)
                 return [Hop(r.grpc_address, r.layer_start, r.layer_end) for r in chosen]
@@ -128,8 +130,18 @@ class RouteFinder:
                 await asyncio.sleep(1.0)
 
     async def reroute(self, failed: list[Hop]) -> list[Hop]:
-        """A route around the peers excluded now (the gateway excluded the culprits of `failed`)."""
-        return await self.route(wait_s=0.0)
+        """A route around the peers excluded now (the gateway excluded the culprits of `failed`): first among the
+        stages found before (no DHT lookup, which a dead or frozen peer slows down), else after a fresh lookup."""
+        try:
+            return await self.route(wait_s=0.0, lookup=False)
+        except RouteError:
+            return await self.route(wait_s=0.0)
+
+    async def keep_fresh(self, interval_s: float) -> None:
+        """Look the stages up every `interval_s` until cancelled, so a failover knows every replica at once."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.records()
 
     async def drafters(self, model_id: str) -> list[str]:
         """gRPC addresses of the drafter nodes announcing `model_id` now."""
