@@ -93,7 +93,9 @@ def _print_stats(st: Stats | None) -> None:
         return
     print(f"[{st.mode}] {st.new_tokens} tokens in {st.wall_ms / 1e3:.2f} s: {st.tokens_per_s:.1f} tokens/s, "
           f"{st.rounds} rounds ({st.rounds_wasted} wasted), {st.tokens_per_round:.2f} tokens/round"
-          + (f", {st.failovers} failovers" if st.failovers else ""), file=sys.stderr)
+          + (f", {st.failovers} failovers" if st.failovers else "")
+          + (f", {st.fallback_rounds} rounds without a draft (no drafter reachable: ar)" if st.fallback_rounds else ""),
+          file=sys.stderr)
 
 
 def cmd_testnet(args: argparse.Namespace) -> int:
