@@ -114,7 +114,16 @@ async def test_frozen_stage_fails_over_in_seconds_and_is_routed_to_again_after_i
     route = (await f.info()).route
     victim = f.name_of(route[-1].address)  # the last stage: stage 0 relays, verdicts come from it
 
-    got, st, stall = await _generate(f.head.address, ids, _cfg(), at=8, fault=lambda: f.net.kill(victim, signal.SIGSTOP))
+    boot = f.head.args[f.head.args.index("--bootstrap") + 1]
+    shown: list[subprocess.Popen] = []
+
+    def freeze() -> None:
+        f.net.kill(victim, signal.SIGSTOP)
+        # `dsd route --gateway` (started now: it takes a while to import and look up) shows who is excluded and why
+        shown.append(subprocess.Popen(["sh", "-c", f"sleep 8; exec {sys.executable} -m dsd_node.cli route --bootstrap "
+                                      f"{boot} --gateway {f.head.address}"], stdout=subprocess.PIPE, text=True))
+
+    got, st, stall = await _generate(f.head.address, ids, _cfg(), at=8, fault=freeze)
     print(f"freeze of {victim}: stall {stall:.2f} s, {st.failovers} failover(s)")
     assert got == want
     assert st.failovers >= 1 and st.fallback_rounds == 0  # a stage failed over; the drafter stayed in use
@@ -126,11 +135,8 @@ async def test_frozen_stage_fails_over_in_seconds_and_is_routed_to_again_after_i
     excluded = {e.address: e for e in info.excluded}
     assert f.by_name[victim].address in excluded and excluded[f.by_name[victim].address].reason
     assert f.by_name[victim].address not in [h.address for h in info.route]
-    # `dsd route --gateway` shows who is excluded and why
-    boot = f.head.args[f.head.args.index("--bootstrap") + 1]
-    p = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "dsd_node.cli", "route", "--bootstrap", boot,
-                                                 "--gateway", f.head.address], capture_output=True, text=True, timeout=90)
-    assert f"{f.by_name[victim].address}  for " in p.stdout, p.stdout + p.stderr
+    out, _ = await asyncio.to_thread(shown[0].communicate, timeout=120)
+    assert f"{f.by_name[victim].address}  for " in out, out
 
     async def readmitted() -> bool:
         return f.by_name[victim].address not in {e.address for e in (await f.info()).excluded}
