@@ -10,6 +10,7 @@ from dsd_node.net.deadline import AdaptiveDeadline
 from dsd_node.net.exclusion import Exclusions
 from dsd_node.net.gateway import GatewayConfig, GatewayService
 from dsd_node.net.grpc_util import Channels
+from dsd_node.ops.testnet import free_port
 
 
 class Clock:
@@ -78,26 +79,27 @@ def _gateway(route: list[Hop]) -> GatewayService:
     return GatewayService("127.0.0.1:1", Channels(), GatewayConfig(route, tokenizer=None, drafter=None))
 
 
-ROUTE = [Hop("127.0.0.1:7001", 0, 3), Hop("127.0.0.1:7002", 3, 5), Hop("127.0.0.1:7003", 5, 8)]
+ROUTE = [Hop(f"127.0.0.1:{free_port()}", 0, 3), Hop(f"127.0.0.1:{free_port()}", 3, 5),
+         Hop(f"127.0.0.1:{free_port()}", 5, 8)]  # nothing listens there
+A, B, C = (h.address for h in ROUTE)
 
 
 async def test_blame_names_the_deepest_stage_and_never_excludes_overload():
     gw = _gateway(ROUTE)
-    relayed = GenerationError("pipeline failed: UNAVAILABLE: next stage 127.0.0.1:7002 failed: UNAVAILABLE: "
-                              "next stage 127.0.0.1:7003 failed: UNAVAILABLE: Socket closed")
-    assert await gw._blame(relayed, ROUTE) == ["127.0.0.1:7003"]
-    assert gw.cfg.exclusions.excluded() == {"127.0.0.1:7003"}
-    assert [e.address for e in gw.excluded()] == ["127.0.0.1:7003"] and "Socket closed" in gw.excluded()[0].reason
-    full = GenerationError("pipeline failed: UNAVAILABLE: next stage 127.0.0.1:7002 failed: RESOURCE_EXHAUSTED: "
-                           "64 sessions open")
+    relayed = GenerationError(f"pipeline failed: UNAVAILABLE: next stage {B} failed: UNAVAILABLE: "
+                              f"next stage {C} failed: UNAVAILABLE: Socket closed")
+    assert await gw._blame(relayed, ROUTE) == [C]
+    assert gw.cfg.exclusions.excluded() == {C}
+    assert [e.address for e in gw.excluded()] == [C] and "Socket closed" in gw.excluded()[0].reason
+    full = GenerationError(f"pipeline failed: UNAVAILABLE: next stage {B} failed: RESOURCE_EXHAUSTED: 64 sessions open")
     assert await gw._blame(full, ROUTE) == []  # back-pressure: nobody excluded
-    assert gw.cfg.exclusions.excluded() == {"127.0.0.1:7003"}
+    assert gw.cfg.exclusions.excluded() == {C}
 
 
 async def test_blame_probes_when_no_stage_is_named():
     # nothing listens on these ports: the Info probes fail, so every stage of the route is a culprit
     gw = _gateway(ROUTE)
     stuck = GenerationError("no verdict within the round deadline (3.0 s)", ErrorCode.DEADLINE_EXCEEDED)
-    assert sorted(await gw._blame(stuck, ROUTE)) == [h.address for h in ROUTE]
+    assert sorted(await gw._blame(stuck, ROUTE)) == sorted([A, B, C])
     assert all(e.failures == 1 for e in gw.excluded())
     await gw.channels.close()
