@@ -5,8 +5,9 @@ could cure (a stage down or stuck), the gateway excludes the culprit for a while
 dsd_node.net.exclusion), asks for a new route and replays the committed text there, so the output is
 unchanged; errors that another route cannot cure end the call with their code. The culprit is the deepest
 stage an error names; when none is named, the stages that do not answer an Info probe now. Overload
-(RESOURCE_EXHAUSTED) is back-pressure: another route may be tried, nobody is excluded. A verdict is
-awaited only for a multiple of recent round times (dsd_node.net.deadline), so a hung stage costs seconds.
+(RESOURCE_EXHAUSTED) is back-pressure: another route may be tried, nobody is excluded. When no verdict
+comes within a multiple of recent round times (dsd_node.net.deadline), the route's stages are probed: one
+that does not answer fails the round at once (a hung stage costs seconds); a slow one is waited for.
 """
 
 from __future__ import annotations
@@ -138,14 +139,18 @@ class GatewayService(rpc.GatewayServicer):
         if named:  # each stage relays the error of the next one: the last address named is the deepest
             culprits = [max(named)[1]]
         else:
-            answers = await asyncio.gather(*(self._answers(h.address) for h in route))
-            culprits = [h.address for h, ok in zip(route, answers, strict=True) if not ok]
+            culprits = await self._silent(route)
             if not culprits and failure.code == ErrorCode.UNAVAILABLE:
                 culprits = [route[0].address]  # the first stage ended the stream itself: it fails rounds
         for a in culprits:
             self.cfg.exclusions.exclude(a, text)
             log.warning("excluding %s for %.0f s: %s", a, self.cfg.exclusions.remaining_s(a), text)
         return culprits
+
+    async def _silent(self, route: list[Hop]) -> list[str]:
+        """The stages of `route` that do not answer an Info probe now."""
+        answers = await asyncio.gather(*(self._answers(h.address) for h in route))
+        return [h.address for h, ok in zip(route, answers, strict=True) if not ok]
 
     async def _answers(self, address: str) -> bool:
         try:
@@ -162,7 +167,7 @@ class GatewayService(rpc.GatewayServicer):
         self.sessions[sid] = verdicts
         route = self.cfg.route
         pipe = GrpcPipeline(sid, route, self.address, self.channels.get(route[0].address), verdicts,
-                            self.cfg.round_timeout_s, self.cfg.deadline)
+                            self.cfg.round_timeout_s, self.cfg.deadline, silent=lambda: self._silent(route))
         head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
         head.on_tokens = lambda new: emit(new, head)
         failure = None

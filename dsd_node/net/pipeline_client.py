@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import grpc
@@ -64,16 +65,21 @@ class StreamLink:
 class GrpcPipeline:
     """The Pipeline of a head session over the network (see dsd_node.engine.head.Pipeline).
 
-    Each verdict must come within the deadline of the oldest round still waiting for one (an
-    AdaptiveDeadline: a multiple of recent round times), so a hung stage is noticed in seconds."""
+    A verdict is awaited for the deadline of the oldest round still waiting for one (an AdaptiveDeadline: a
+    multiple of recent round times). When it passes, `silent()` names the stages of the route that do not
+    answer now: if any, the round fails at once (a hung stage costs seconds); if all answer (a slow, loaded
+    stage), the wait goes on, deadline by deadline, up to the deadline's cap."""
 
     def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
-                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None):
+                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None,
+                 silent: Callable[[], Awaitable[list[str]]] | None = None):
         self.session_id, self.route, self.reply_to = session_id, route, reply_to
         self.verdicts = verdicts
         self.deadline = deadline or AdaptiveDeadline(cap_s=round_timeout_s, floor_s=min(3.0, round_timeout_s))
+        self.silent = silent
         self.link = StreamLink(route[0].address, channel)
         self._waiting: dict[int, tuple[float, int]] = {}  # round id -> (sent at, tree nodes), in send order
+        self._grace_until = 0.0  # the stages answered at the last deadline: wait on until then
 
     async def send(self, msg: RoundMsg) -> None:
         msg.route, msg.hop, msg.reply_to = self.route, 0, self.reply_to
@@ -85,7 +91,8 @@ class GrpcPipeline:
         if not self._waiting:
             return self.deadline.cap_s
         now = time.monotonic()
-        return max(0.0, min(t + self.deadline.deadline_s(n) - now for t, n in self._waiting.values()))
+        due = min(t + self.deadline.deadline_s(n) for t, n in self._waiting.values())
+        return max(0.0, max(due, self._grace_until) - now)
 
     def _answered(self, round_id: int) -> None:
         sent = self._waiting.pop(round_id, None)
@@ -95,19 +102,30 @@ class GrpcPipeline:
             self.deadline.observe(time.monotonic() - sent[0], sent[1])
 
     async def recv(self) -> VerdictMsg:
-        timeout = self._timeout()
-        get = asyncio.ensure_future(self.verdicts.get())
-        done, _ = await asyncio.wait({get, self.link.failed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if get in done:
-            v = get.result()
-            self._answered(v.round_id)
-            return v
-        get.cancel()
-        if self.link.failed in done:
-            code, details = self.link.failed.result()
-            raise GenerationError(f"pipeline failed: {code.name}: {details}", error_code(code))
-        raise GenerationError(f"no verdict within the round deadline ({timeout:.1f} s): a stage is stuck or unreachable",
-                              ErrorCode.DEADLINE_EXCEEDED)
+        while True:
+            timeout = self._timeout()
+            get = asyncio.ensure_future(self.verdicts.get())
+            done, _ = await asyncio.wait({get, self.link.failed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if get in done:
+                v = get.result()
+                self._answered(v.round_id)
+                return v
+            get.cancel()
+            if self.link.failed in done:
+                code, details = self.link.failed.result()
+                raise GenerationError(f"pipeline failed: {code.name}: {details}", error_code(code))
+            now = time.monotonic()
+            oldest = min((t for t, _ in self._waiting.values()), default=now)
+            waited = now - oldest
+            if self.silent is None or waited >= self.deadline.cap_s:
+                raise GenerationError(f"no verdict within {waited:.1f} s: a stage is stuck or unreachable",
+                                      ErrorCode.DEADLINE_EXCEEDED)
+            silent = await self.silent()
+            if silent:
+                raise GenerationError(f"no verdict within {waited:.1f} s and no Info reply from {', '.join(silent)}",
+                                      ErrorCode.DEADLINE_EXCEEDED)
+            n = max((n for _, n in self._waiting.values()), default=1)  # all alive, only slow: wait on
+            self._grace_until = min(oldest + self.deadline.cap_s, time.monotonic() + self.deadline.deadline_s(n))
 
     async def close(self, cancel: bool = False) -> None:
         await self.link.close(cancel)
