@@ -15,6 +15,7 @@ import grpc
 import pytest
 from conftest import PROMPTS, hf_greedy
 
+from dsd_node.cli import _excluded_by
 from dsd_node.engine.config import GenerationConfig, Stats
 from dsd_node.net.client import DsdClient
 from dsd_node.net.grpc_util import query_info, wait_healthy
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.extended]  # ~10 node processes, min
 
 TTL = 6.0
 N = 48  # tokens per generation
-BACKOFF_S = 60.0  # the first exclusion (long enough for `dsd route` to start on a loaded machine and see it)
+BACKOFF_S = 30.0  # the first exclusion (long enough to check it once the generation is over, on a loaded machine)
 STALL_BOUND_S = 30.0  # generous (a loaded CI machine); the old fixed round timeout alone was 60 s
 
 
@@ -114,16 +115,7 @@ async def test_frozen_stage_fails_over_in_seconds_and_is_routed_to_again_after_i
     route = (await f.info()).route
     victim = f.name_of(route[-1].address)  # the last stage: stage 0 relays, verdicts come from it
 
-    boot = f.head.args[f.head.args.index("--bootstrap") + 1]
-    shown: list[subprocess.Popen] = []
-
-    def freeze() -> None:
-        f.net.kill(victim, signal.SIGSTOP)
-        # `dsd route --gateway` (started now: it takes a while to import and look up) shows who is excluded and why
-        shown.append(subprocess.Popen(["sh", "-c", f"sleep 8; exec {sys.executable} -m dsd_node.cli route --bootstrap "
-                                      f"{boot} --gateway {f.head.address}"], stdout=subprocess.PIPE, text=True))
-
-    got, st, stall = await _generate(f.head.address, ids, _cfg(), at=8, fault=freeze)
+    got, st, stall = await _generate(f.head.address, ids, _cfg(), at=8, fault=lambda: f.net.kill(victim, signal.SIGSTOP))
     print(f"freeze of {victim}: stall {stall:.2f} s, {st.failovers} failover(s)")
     assert got == want
     assert st.failovers >= 1 and st.fallback_rounds == 0  # a stage failed over; the drafter stayed in use
@@ -135,8 +127,8 @@ async def test_frozen_stage_fails_over_in_seconds_and_is_routed_to_again_after_i
     excluded = {e.address: e for e in info.excluded}
     assert f.by_name[victim].address in excluded and excluded[f.by_name[victim].address].reason
     assert f.by_name[victim].address not in [h.address for h in info.route]
-    out, _ = await asyncio.to_thread(shown[0].communicate, timeout=120)
-    assert f"{f.by_name[victim].address}  for " in out, out
+    out = await _excluded_by(f.head.address)  # what `dsd route --gateway` prints about the head's exclusions
+    assert f"{f.by_name[victim].address}  for " in out and "no Info reply" in out, out
 
     async def readmitted() -> bool:
         return f.by_name[victim].address not in {e.address for e in (await f.info()).excluded}
