@@ -128,7 +128,7 @@ async def test_frozen_stage_fails_over_in_seconds_and_is_routed_to_again_after_i
     assert f.by_name[victim].address in excluded and excluded[f.by_name[victim].address].reason
     assert f.by_name[victim].address not in [h.address for h in info.route]
     out = await _excluded_by(f.head.address)  # what `dsd route --gateway` prints about the head's exclusions
-    assert f"{f.by_name[victim].address}  for " in out and "no Info reply" in out, out
+    assert f"{f.by_name[victim].address}  for " in out and "failure 1 in a row" in out, out
 
     async def readmitted() -> bool:
         return f.by_name[victim].address not in {e.address for e in (await f.info()).excluded}
