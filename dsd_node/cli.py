@@ -27,6 +27,8 @@ from dsd_node.ops.generation_flags import (
     node_compute_args,
 )
 from dsd_node.ops.testnet import Testnet, plan, plan_discovery
+from dsd_node.ops.testnet_console import HELP, Console
+from dsd_node.ops.testnet_console import __doc__ as CONSOLE_DOC
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -91,7 +93,9 @@ def _print_stats(st: Stats | None) -> None:
         return
     print(f"[{st.mode}] {st.new_tokens} tokens in {st.wall_ms / 1e3:.2f} s: {st.tokens_per_s:.1f} tokens/s, "
           f"{st.rounds} rounds ({st.rounds_wasted} wasted), {st.tokens_per_round:.2f} tokens/round"
-          + (f", {st.failovers} failovers" if st.failovers else ""), file=sys.stderr)
+          + (f", {st.failovers} failovers" if st.failovers else "")
+          + (f", {st.fallback_rounds} rounds without a draft (no drafter reachable: ar)" if st.fallback_rounds else ""),
+          file=sys.stderr)
 
 
 def cmd_testnet(args: argparse.Namespace) -> int:
@@ -110,8 +114,9 @@ def cmd_testnet(args: argparse.Namespace) -> int:
         what = f"{args.stages} stages + drafter + head, wired by address"
     else:
         specs = plan_discovery(args.stages, args.replicas, args.model, args.drafter, threads=args.threads,
-                               extra=node_compute_args(args), key_dir=key_dir, http=args.http)
-        what = (f"bootstrap + {args.stages} shards x {args.replicas} replicas + drafter + head, "
+                               extra=node_compute_args(args), key_dir=key_dir, http=args.http,
+                               bootstraps=args.bootstraps)
+        what = (f"{args.bootstraps} bootstrap(s) + {args.stages} shards x {args.replicas} replicas + drafter(s) + head, "
                 "found through libp2p discovery")
     net = Testnet(specs, log_dir=args.log_dir, temp_dirs=[key_dir])
     print(f"starting testnet: {what} (logs in {net.log_dir})", file=sys.stderr)
@@ -148,12 +153,15 @@ def cmd_testnet(args: argparse.Namespace) -> int:
             print(f"     curl {net.http_url}/completions -H 'Content-Type: application/json' "
                   f"-d '{{\"model\": \"{args.model}\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32, "
                   f"\"temperature\": 0}}'", file=sys.stderr)
-        while True:
-            await asyncio.sleep(1)
-            dead = [n for n, p in net.procs.items() if p.poll() is not None]
-            if dead:
-                print(f"dsd: {', '.join(dead)} exited; stopping the testnet", file=sys.stderr)
-                return 1
+        console = Console(net)
+        if console.attach_stdin():
+            print(f"console: type a command and Enter ({HELP})", file=sys.stderr)
+        try:
+            while True:  # a node that exits is reported; the others keep serving (through replicas)
+                await asyncio.sleep(0.5)
+                console.check_exits()
+        finally:
+            console.detach_stdin()
 
     code = 1  # if body() raises
     try:
@@ -205,6 +213,8 @@ def cmd_route(args: argparse.Namespace) -> int:
                     await asyncio.sleep(1.0 * (attempt + 1))
             if records:
                 print(format_route_table(records, rtt))
+            if args.gateway:
+                print(await _excluded_by(args.gateway))
             if problem:
                 print(problem)
                 return 1
@@ -220,6 +230,20 @@ def cmd_route(args: argparse.Namespace) -> int:
     return asyncio.run(body())
 
 
+async def _excluded_by(gateway: str) -> str:
+    """The peers the head at `gateway` keeps out of its routes now, and why (from its Info reply)."""
+    try:
+        async with grpc.aio.insecure_channel(gateway) as ch:
+            info = await query_info(ch, timeout=5)
+    except grpc.aio.AioRpcError as e:
+        return f"head {gateway}: no Info reply ({e.code().name})"
+    if not info.excluded:
+        return f"head {gateway}: route {' -> '.join(h.address for h in info.route) or '(none yet)'}; nobody excluded"
+    rows = [f"head {gateway} excludes:"] + [
+        f"  {e.address}  for {e.remaining_s:.0f} s more (failure {e.failures} in a row): {e.reason}" for e in info.excluded]
+    return "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsd", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -230,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("testnet", help="run a local network of node processes on 127.0.0.1")
     tsub = t.add_subparsers(dest="testnet_command", required=True)
     up = tsub.add_parser("up", help="start N stages, a drafter and a head; stay up until Ctrl-C (or --generate once)",
-                         description="Start a local testnet with the embedded model pair (layers split evenly).")
+                         description="Start a local testnet with the embedded model pair (layers split evenly). "
+                                     "A node that exits is reported and the testnet keeps running; commands typed "
+                                     "on stdin break and mend nodes: " + HELP,
+                         epilog=CONSOLE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("--stages", type=int, default=4, help="stage processes (default 4)")
     up.add_argument("--model", default="embedded:target")
     up.add_argument("--drafter", default="embedded:drafter")
@@ -239,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--from", dest="from_file", metavar="COMPOSE_FILE",
                     help="run every service of a docker-compose file (e.g. docker-compose.yml) as a local process "
                          "on loopback: the same commands the containers run")
-    up.add_argument("--replicas", type=int, default=1, help="copies of each shard (failover targets; default 1)")
+    up.add_argument("--replicas", type=int, default=1,
+                    help="copies of each shard and of the drafter (failover targets; default 1)")
+    up.add_argument("--bootstraps", type=int, default=2,
+                    help="bootstrap peers, each given to every node (one may die; default 2)")
     up.add_argument("--no-discovery", action="store_true",
                     help="wire nodes by address instead of a bootstrap peer and libp2p discovery")
     up.add_argument("--link-delay-ms", type=float, default=0.0,
@@ -258,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR",
                    help="bootstrap peer, e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... (repeatable)")
     r.add_argument("--model", default="embedded:target", help="model id the stages announce (default embedded:target)")
+    r.add_argument("--gateway", metavar="HOST:PORT",
+                   help="also show the peers this head excludes from its routes now (backoff after failures) and why")
     r.set_defaults(func=cmd_route)
 
     register_bench(sub)

@@ -40,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drafter", help="head: draft model to run in this process (hub id, path, embedded:drafter, self, "
                                       "or oracle:ALPHA: the target keeping its own token with probability ALPHA); "
                                       "drafter node: self or oracle:ALPHA drafts with --model as that oracle")
-    ap.add_argument("--drafter-addr", dest="drafter_addr", help="head: address of a drafter node")
+    ap.add_argument("--drafter-addr", dest="drafter_addr",
+                    help="head: address of a drafter node, or several, comma-separated (replicas, tried in turn)")
+    ap.add_argument("--drafter-model", dest="drafter_model",
+                    help="head with --bootstrap: use the drafter nodes announcing this draft model (replicas; "
+                         "with none reachable, rounds go without a draft, as in ar)")
     ap.add_argument("--route", help="head: comma-separated stage addresses, first stage first (or use --bootstrap)")
     ap.add_argument("--device", help="where to compute: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps "
                                      "(default auto)")
@@ -68,9 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="head: default most dsi rounds in flight (0: one per stage of the route)")
     ap.add_argument("--max-kv-mb", dest="max_kv_mb", type=int,
                     help="stage: refuse new sessions while the KV caches hold this many MB (0: no cap)")
-    ap.add_argument("--round-timeout", dest="round_timeout", type=float, help="head: seconds to wait for a verdict (60)")
+    ap.add_argument("--round-timeout", dest="round_timeout", type=float,
+                    help="head: longest wait for a verdict, in seconds (60); once rounds are measured, the wait "
+                         "is a multiple of recent round times, at least --round-floor")
+    ap.add_argument("--round-floor", dest="round_floor", type=float,
+                    help="head: shortest wait for a verdict, in seconds (3): a hung stage costs about this much")
+    ap.add_argument("--exclude-backoff", dest="exclude_backoff", type=float,
+                    help="head: seconds a failed stage or drafter is kept out of routes the first time (5); each "
+                         "further failure doubles it (up to 120 s), then it is probed and used again")
     ap.add_argument("--identity", help="libp2p identity key file (created on first start, mode 0600)")
-    ap.add_argument("--bootstrap", action="append", help="bootstrap peer multiaddr (repeatable)")
+    ap.add_argument("--bootstrap", action="append",
+                    help="bootstrap peer multiaddr (repeatable; any node's p2p address works; unreachable ones "
+                         "are retried in the background)")
     ap.add_argument("--listen-p2p", dest="listen_p2p", help="libp2p listen multiaddr, e.g. /ip4/0.0.0.0/tcp/4001")
     ap.add_argument("--announce-ttl", dest="announce_ttl", type=float,
                     help="seconds an announcement stays valid; refreshed every third of it (30)")

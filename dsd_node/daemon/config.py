@@ -32,7 +32,8 @@ class NodeConfig:
     listen: str = "127.0.0.1:0"
     advertise: str | None = None
     drafter: str | None = None
-    drafter_addr: str | None = None
+    drafter_addr: str | None = None  # comma-separated drafter addresses (replicas, tried in turn)
+    drafter_model: str | None = None  # head with --bootstrap: also use the drafters announcing this model
     route: str | None = None  # comma-separated stage addresses ("self": this node's own stage)
     device: str = "auto"  # auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto: the checkpoint's dtype on a GPU, float32 on a CPU
@@ -50,7 +51,9 @@ class NodeConfig:
     max_message_mb: int = 64
     max_inflight: int = 0
     max_kv_mb: int = 0
-    round_timeout: float = 60.0
+    round_timeout: float = 60.0  # the longest round deadline (and the one before any round was measured)
+    round_floor: float = 3.0  # the shortest round deadline (else a multiple of recent round times)
+    exclude_backoff: float = 5.0  # head: first exclusion of a failed peer, in seconds (doubles per failure)
     identity: str | None = None
     bootstrap: list[str] = field(default_factory=list)
     listen_p2p: str | None = None
@@ -83,6 +86,9 @@ class NodeConfig:
         for name in ("threads", "max_sessions", "max_message_mb", "max_inflight", "max_kv_mb", "max_mem_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} cannot be negative")
+        for name in ("round_timeout", "round_floor", "exclude_backoff"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
         if self.max_sessions < 1 or self.max_message_mb < 1:
             raise ConfigError("max_sessions and max_message_mb must be at least 1")
         try:

@@ -56,12 +56,13 @@ from dsd_node.engine.shard_runner import ShardRunner
 from dsd_node.engine.stage import StageHandler
 from dsd_node.engine.tree import TokenTree
 from dsd_node.engine.verify import low_importance_mask
+from dsd_node.net.drafter_pool import DrafterPool
+from dsd_node.net.exclusion import Exclusions
 from dsd_node.net.gateway import GatewayConfig, GatewayService
 from dsd_node.net.grpc_util import Channels, make_server, query_info
 from dsd_node.net.http_api import HttpApi
 from dsd_node.net.metrics import NodeMetrics, parse_host_port, serve_metrics
 from dsd_node.net.node_services import DrafterService, NodeService
-from dsd_node.net.pipeline_client import RemoteDraftSource
 from dsd_node.net.stage_service import StageService
 from dsd_node.net.wire import NodeInfo
 from dsd_node.p2p.discovery import Discovery, DiscoveryError
@@ -250,7 +251,8 @@ class Node:
                         version=__version__, sessions=sessions, max_sessions=self.cfg.max_sessions,
                         peer_id=self.discovery.peer_id if self.discovery else "", address=self.address,
                         tokens_per_s=self.tokens_per_s, dtype=str(sh.dtype).removeprefix("torch.") if sh else "",
-                        route=self.gateway.route if self.gateway else [])
+                        route=self.gateway.route if self.gateway else [],
+                        excluded=self.gateway.excluded() if self.gateway else [])
 
     async def join(self) -> None:
         cfg = self.cfg
@@ -304,8 +306,16 @@ class Node:
     async def gateway_config(self) -> GatewayConfig:
         cfg = self.cfg
         tok = load_tokenizer(cfg.model)
-        if cfg.drafter_addr:
-            drafter = RemoteDraftSource(self.channels.get(cfg.drafter_addr), cfg.drafter_addr)
+        exclusions = Exclusions(base_s=cfg.exclude_backoff, max_s=max(120.0, cfg.exclude_backoff))
+        self.metrics.set_source(self.metrics.excluded_peers, lambda: len(exclusions.active()))
+        finder = None
+        if self.discovery is not None and not cfg.route:
+            finder = RouteFinder(self.discovery, self.channels, cfg.model, self.model_hash, model_num_layers(cfg.model),
+                                 say=lambda m: print(f"dsd-node: {m}", flush=True), exclusions=exclusions)
+        drafter_addrs = [a.strip() for a in (cfg.drafter_addr or "").split(",") if a.strip()]
+        if drafter_addrs or (cfg.drafter_model and finder is not None):
+            find = (lambda: finder.drafters(cfg.drafter_model)) if cfg.drafter_model and finder else None
+            drafter = DrafterPool(self.channels, drafter_addrs, exclusions, find)
         elif self.drafter is not None:
             if not (spec := self.drafter_spec()).is_target:
                 check_same_tokenizer(tok, load_tokenizer(spec.source), cfg.model, spec.source)
@@ -316,16 +326,17 @@ class Node:
         if cfg.route:
             addrs = [self.self_address if a == "self" else a for a in cfg.route_addresses]
             route = await route_from_addresses(addrs, self.channels, cfg.model, wait_s=cfg.round_timeout)
-        elif self.discovery is not None:
-            finder = RouteFinder(self.discovery, self.channels, cfg.model, self.model_hash, model_num_layers(cfg.model),
-                                 say=lambda m: print(f"dsd-node: {m}", flush=True))
-            self.metrics.set_source(self.metrics.excluded_peers, lambda: len(finder.dead))
+        elif finder is not None:
             route = await finder.route(wait_s=cfg.route_wait)
             reroute = finder.reroute
+            self.tasks.append(asyncio.create_task(finder.keep_fresh(cfg.announce_ttl / 3)))
         else:
             raise NodeStartError("head needs --route ADDR,ADDR,... (stage addresses, first stage first) or --bootstrap")
+        if isinstance(drafter, DrafterPool):
+            await drafter.refresh()
         return GatewayConfig(route, tok, drafter, cfg.max_inflight, cfg.round_timeout, reroute,
-                             max_positions(load_config(cfg.model)), cfg.limits())
+                             max_positions(load_config(cfg.model)), limits=cfg.limits(), exclusions=exclusions,
+                             round_floor_s=cfg.round_floor)
 
     async def serve(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

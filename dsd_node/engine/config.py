@@ -83,6 +83,8 @@ class Stats:
     wall_ms: float = 0.0
     draft_ms: float = 0.0
     failovers: int = 0  # times the gateway re-routed around a failed stage
+    drafter_failures: int = 0  # drafts no drafter could give (each round then goes without one)
+    fallback_rounds: int = 0  # rounds sent without a draft, as in ar, because no drafter answered
 
     def add(self, other: Stats) -> None:
         """Fold in the rounds of another session of the same generation (after a failover)."""
@@ -91,6 +93,8 @@ class Stats:
         self.draft_ms += other.draft_ms
         self.accepted_per_round += other.accepted_per_round
         self.inflight += other.inflight
+        self.drafter_failures += other.drafter_failures
+        self.fallback_rounds += other.fallback_rounds
 
     @property
     def tokens_per_s(self) -> float:
@@ -110,7 +114,8 @@ class Stats:
                 "accepted_per_round": list(self.accepted_per_round), "inflight": list(self.inflight),
                 "new_tokens": self.new_tokens, "tokens_per_s": round(self.tokens_per_s, 2),
                 "ms_per_token": round(self.ms_per_token, 3), "draft_ms": round(self.draft_ms, 2),
-                "wall_ms": round(self.wall_ms, 2), "failovers": self.failovers}
+                "wall_ms": round(self.wall_ms, 2), "failovers": self.failovers,
+                "drafter_failures": self.drafter_failures, "fallback_rounds": self.fallback_rounds}
 
 
 @dataclass(frozen=True)

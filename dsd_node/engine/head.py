@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from dsd_node.engine.config import GenerationConfig, Stats
+from dsd_node.engine.config import GenerationConfig, GenerationError, Stats
 from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.tree import TokenTree
@@ -35,6 +35,10 @@ class Pipeline(Protocol):
 
 class DraftSource(Protocol):
     async def draft(self, session_id: str, req: DraftRequest) -> Draft: ...
+
+
+class DrafterUnavailable(GenerationError):
+    """No drafter answers now: the head sends this round without a draft (as in ar) and says so in its stats."""
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Head:
         self.epoch = 0
         self.inflight: deque[_Sent] = deque()
         self.commits: list[tuple[int, list[int]]] = []
+        self.drafter_down = False  # the last draft failed: rounds go without one, one at a time
         self.valid_rate = 0.5  # running rate of rounds a successor could build on (drives the dsi depth)
 
     @property
@@ -76,7 +81,7 @@ class Head:
         return len(gen) >= self.cfg.max_new_tokens or (self.eos is not None and self.eos in gen)
 
     def _depth_limit(self) -> int:
-        if self.cfg.mode != "dsi":
+        if self.cfg.mode != "dsi" or self.drafter_down:  # no drafter now: no rounds on top of rounds
             return 1
         # the i-th round behind the oldest is still valid with probability ~ rate^i: speculate while
         # that chance is at least min_valid_prob (wasted rounds cost stage compute, not link time)
@@ -94,6 +99,7 @@ class Head:
         cfg = self.cfg
         req = DraftRequest(context, depth, cfg.tree, cfg.sampling)
         d = await self.drafter.draft(self.sid, req)
+        self.drafter_down = False
         self.stats.draft_ms += d.draft_ms
         return d
 
@@ -112,8 +118,17 @@ class Head:
             tree, main = TokenTree([], []), []
             context, offset = self.known + [t for s in self.inflight for t in s.assumed], 0
         assumed: list[int] = []
+        d = None
         if cfg.mode != "ar":
-            d = await self._draft(context, k if offset else k + 1)
+            try:
+                d = await self._draft(context, k if offset else k + 1)
+            except DrafterUnavailable:
+                self.drafter_down = True
+                self.stats.drafter_failures += 1
+                if not offset:  # a pure dsi draft has nothing to send without one
+                    return
+                self.stats.fallback_rounds += 1
+        if d is not None:
             anchor = offset - 1
             tree = TokenTree(tree.tokens + d.tree.tokens,
                              tree.parents + [anchor if p < 0 else p + offset for p in d.tree.parents],

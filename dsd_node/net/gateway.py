@@ -1,8 +1,13 @@
 """The Gateway service of a head node: Generate (client-facing, with failover) and Verdicts (from last stages).
 
 A generation runs one pipeline session at a time. When a session fails with a code that another route
-could cure (a stage down or stuck), the gateway asks for a new route and replays the committed text
-there, so the output is unchanged; errors that another route cannot cure end the call with their code.
+could cure (a stage down or stuck), the gateway excludes the culprit for a while (exponential backoff,
+dsd_node.net.exclusion), asks for a new route and replays the committed text there, so the output is
+unchanged; errors that another route cannot cure end the call with their code. The culprit is the deepest
+stage an error names; when none is named, the stages that do not answer an Info probe now. Overload
+(RESOURCE_EXHAUSTED) is back-pressure: another route may be tried, nobody is excluded. When no verdict
+comes within a multiple of recent round times (dsd_node.net.deadline), the route's stages are probed: one
+that does not answer fails the round at once (a hung stage costs seconds); a slow one is waited for.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from dsd_node.engine.head import DraftSource, Head
 from dsd_node.engine.limits import Limits
 from dsd_node.engine.messages import Hop
 from dsd_node.net.admission import Admission, Busy
-from dsd_node.net.grpc_util import Channels
+from dsd_node.net.deadline import AdaptiveDeadline
+from dsd_node.net.exclusion import Exclusions
+from dsd_node.net.grpc_util import Channels, query_info
 from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import GrpcPipeline
-from dsd_node.net.wire import WireError, generation_config_from_pb, stats_to_pb, verdict_from_pb
+from dsd_node.net.wire import ExcludedPeer, WireError, generation_config_from_pb, stats_to_pb, verdict_from_pb
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
@@ -37,6 +44,8 @@ Emit = Callable[[list[int], str], Awaitable[None]]  # new tokens and the text th
 
 class StopGeneration(Exception):  # noqa: N818 (a signal, not an error)
     """Raised by an `emit` callback to end its generation early (a stop sequence was seen): not a failure."""
+PROBE_TIMEOUT_S = 1.0  # after a failed round: a stage that does not answer Info within this is excluded
+OVERLOAD = "RESOURCE_EXHAUSTED"
 
 
 @dataclass
@@ -49,6 +58,14 @@ class GatewayConfig:
     reroute: Callable[[list[Hop]], Awaitable[list[Hop]]] | None = None  # failover (with discovery)
     max_positions: int | None = None  # the target's context: prompt + max_new_tokens must fit
     limits: Limits = field(default_factory=Limits)  # per-request caps, session slots and the queue
+    exclusions: Exclusions = field(default_factory=Exclusions)  # shared with the route finder and drafters
+    round_floor_s: float = 3.0  # the shortest round deadline (round_timeout_s is the longest)
+    deadline: AdaptiveDeadline | None = None  # made from the two above; shared by all sessions
+
+    def __post_init__(self):
+        if self.deadline is None:
+            self.deadline = AdaptiveDeadline(cap_s=self.round_timeout_s,
+                                             floor_s=min(self.round_floor_s, self.round_timeout_s))
 
 
 class GatewayService(rpc.GatewayServicer):
@@ -75,6 +92,11 @@ class GatewayService(rpc.GatewayServicer):
             lim = self.cfg.limits
             self._admission = Admission(lim.max_sessions, lim.queue_size, lim.queue_timeout_s, lim.max_client_sessions)
         return self._admission
+    def excluded(self) -> list[ExcludedPeer]:
+        if self.cfg is None:
+            return []
+        ex = self.cfg.exclusions
+        return [ExcludedPeer(e.peer, e.reason, ex.remaining_s(e.peer), e.failures) for e in ex.active()]
 
     async def Generate(self, request, context):
         try:
@@ -151,7 +173,7 @@ class GatewayService(rpc.GatewayServicer):
         try:
             while True:
                 left = replace(gcfg, max_new_tokens=gcfg.max_new_tokens - len(prior))
-                head, failure = await self._run_session(ids + prior, left, on_tokens)
+                head, failure, route = await self._run_session(ids + prior, left, on_tokens)
                 stats.add(head.stats)
                 prior += head.trimmed()
                 if failure is None or stopped or len(prior) >= gcfg.max_new_tokens or (head.eos is not None and head.eos in prior):
@@ -166,10 +188,13 @@ class GatewayService(rpc.GatewayServicer):
                     continue
                 if failure.code not in RETRYABLE or self.cfg.reroute is None or stats.failovers >= MAX_FAILOVERS:
                     raise failure
+                await self._blame(failure, route)
                 try:
-                    self.cfg.route = await self.cfg.reroute(self.cfg.route)
-                except ValueError as e:
-                    raise GenerationError(f"{failure}; no route left: {e}") from None
+                    ex = self.cfg.exclusions
+                    if self.cfg.route == route or any(ex.is_excluded(h.address) for h in self.cfg.route):
+                        self.cfg.route = await self.cfg.reroute(route)
+                except Exception as e:  # noqa: BLE001 - RouteError, a failed DHT lookup: never an UNKNOWN to the client
+                    raise GenerationError(f"{failure}; no route left: {e}", ErrorCode.UNAVAILABLE) from None
                 stats.failovers += 1
                 log.warning("failover %d: %s; replaying %d committed tokens on %s", stats.failovers, failure,
                             len(ids) + len(prior), " -> ".join(h.address for h in self.cfg.route))
@@ -185,14 +210,45 @@ class GatewayService(rpc.GatewayServicer):
             self.metrics.generation_finished(stats, outcome)
         return stats
 
-    async def _run_session(self, prompt: list[int], gcfg: GenerationConfig, emit) -> tuple[Head, GenerationError | None]:
-        """One pipeline session; returns the head and the failure, if any."""
+    async def _blame(self, failure: GenerationError, route: list[Hop]) -> list[str]:
+        """Exclude the stages that caused `failure` (with backoff); returns their addresses."""
+        text = str(failure)
+        if OVERLOAD in text:  # back-pressure relayed by a stage: try again elsewhere, exclude nobody
+            return []
+        named = [(text.rfind(h.address), h.address) for h in route if h.address in text]
+        if named:  # each stage relays the error of the next one: the last address named is the deepest
+            culprits = [max(named)[1]]
+        else:
+            culprits = await self._silent(route)
+            if not culprits and failure.code == ErrorCode.UNAVAILABLE:
+                culprits = [route[0].address]  # the first stage ended the stream itself: it fails rounds
+        for a in culprits:
+            self.cfg.exclusions.exclude(a, text)
+            log.warning("excluding %s for %.0f s: %s", a, self.cfg.exclusions.remaining_s(a), text)
+        return culprits
+
+    async def _silent(self, route: list[Hop]) -> list[str]:
+        """The stages of `route` that do not answer an Info probe now."""
+        answers = await asyncio.gather(*(self._answers(h.address) for h in route))
+        return [h.address for h, ok in zip(route, answers, strict=True) if not ok]
+
+    async def _answers(self, address: str) -> bool:
+        try:
+            await query_info(self.channels.get(address), timeout=PROBE_TIMEOUT_S)
+            return True
+        except grpc.aio.AioRpcError:
+            return False
+
+    async def _run_session(self, prompt: list[int], gcfg: GenerationConfig,
+                           emit) -> tuple[Head, GenerationError | None, list[Hop]]:
+        """One pipeline session; returns the head, the failure (if any) and the route it took."""
         sid = uuid.uuid4().hex
         verdicts: asyncio.Queue = asyncio.Queue()
         self.sessions[sid] = verdicts
         route = self.cfg.route
         pipe = GrpcPipeline(sid, route, self.address, self.channels.get(route[0].address), verdicts,
-                            self.cfg.round_timeout_s, self.metrics.round_trip.observe)
+                            self.cfg.round_timeout_s, self.cfg.deadline, silent=lambda: self._silent(route),
+                            on_round_trip=self.metrics.round_trip.observe)
         head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
         head.on_tokens = lambda new: emit(new, head)
         failure = None
@@ -212,7 +268,10 @@ class GatewayService(rpc.GatewayServicer):
             end = getattr(self.cfg.drafter, "end_session", None)
             if end is not None:
                 await end(sid)
-        return head, failure
+        if failure is None:
+            for h in route:
+                self.cfg.exclusions.forgive(h.address)
+        return head, failure, route
 
     async def Verdicts(self, request_iterator, context):
         try:

@@ -18,8 +18,13 @@ from dsd_node.proto import dsd_pb2_grpc as rpc
 
 log = logging.getLogger("dsd.grpc")
 
+# Keepalive: while a call is open, ping the peer every 2 s and give up on the connection when a ping is not
+# answered within 2 s: a hung (e.g. SIGSTOPped) peer fails its streams in about 4 s, not at the round timeout.
+# Servers accept pings that often (make_server); max_pings_without_data 0: keep pinging an idle stream.
+KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS = 2_000, 2_000
 GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
-                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+                ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.max_pings_without_data", 0)]
 
 
 def rpc_error_text(e: grpc.aio.AioRpcError) -> str:
@@ -50,7 +55,10 @@ class Channels:
 
 def make_server(max_message_mb: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     opts = [("grpc.max_receive_message_length", max_message_mb << 20), ("grpc.max_send_message_length", 256 << 20),
-            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+            ("grpc.http2.max_ping_strikes", 0)]
     server = grpc.aio.server(options=opts, interceptors=[DecodeGuard()])
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)

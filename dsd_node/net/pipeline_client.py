@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import grpc
@@ -13,6 +13,7 @@ import grpc
 from dsd_node.engine.config import ErrorCode, GenerationError
 from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
+from dsd_node.net.deadline import AdaptiveDeadline
 from dsd_node.net.grpc_util import error_code, rpc_error_text
 from dsd_node.net.wire import draft_from_pb, draft_request_to_pb, round_to_pb
 from dsd_node.proto import dsd_pb2 as pb
@@ -62,43 +63,77 @@ class StreamLink:
 
 
 class GrpcPipeline:
-    """The Pipeline of a head session over the network (see dsd_node.engine.head.Pipeline)."""
+    """The Pipeline of a head session over the network (see dsd_node.engine.head.Pipeline).
+
+    A verdict is awaited for the deadline of the oldest round still waiting for one (an AdaptiveDeadline: a
+    multiple of recent round times). When it passes, `silent()` names the stages of the route that do not
+    answer now: if any, the round fails at once (a hung stage costs seconds); if all answer (a slow, loaded
+    stage), the wait goes on, deadline by deadline, up to the deadline's cap."""
 
     def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
-                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0,
+                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None,
+                 silent: Callable[[], Awaitable[list[str]]] | None = None,
                  on_round_trip: Callable[[float], None] | None = None):
         self.session_id, self.route, self.reply_to = session_id, route, reply_to
         self.verdicts = verdicts
-        self.round_timeout_s = round_timeout_s
+        self.deadline = deadline or AdaptiveDeadline(cap_s=round_timeout_s, floor_s=min(3.0, round_timeout_s))
+        self.silent = silent
         self.link = StreamLink(route[0].address, channel)
+        self._waiting: dict[int, tuple[float, int]] = {}  # round id -> (sent at, tree nodes), in send order
+        self._grace_until = 0.0  # the stages answered at the last deadline: wait on until then
         self.on_round_trip = on_round_trip  # seconds from a round's send to its verdict (metrics)
-        self.sent_at: dict[int, float] = {}
 
     async def send(self, msg: RoundMsg) -> None:
         msg.route, msg.hop, msg.reply_to = self.route, 0, self.reply_to
-        if msg.tree.tokens and self.on_round_trip is not None:
-            self.sent_at[msg.round_id] = time.perf_counter()
+        if len(msg.tree):  # a commit-only message gets no verdict
+            self._waiting[msg.round_id] = (time.monotonic(), len(msg.tree))
         await self.link.write(round_to_pb(msg))
 
+    def _timeout(self) -> float:
+        if not self._waiting:
+            return self.deadline.cap_s
+        now = time.monotonic()
+        due = min(t + self.deadline.deadline_s(n) for t, n in self._waiting.values())
+        return max(0.0, max(due, self._grace_until) - now)
+
+    def _answered(self, round_id: int) -> None:
+        sent = self._waiting.pop(round_id, None)
+        for rid in [r for r in self._waiting if r < round_id]:  # older rounds given up: no verdict will come
+            del self._waiting[rid]
+        if sent is not None:
+            self.deadline.observe(time.monotonic() - sent[0], sent[1])
+            if self.on_round_trip is not None:
+                self.on_round_trip(time.monotonic() - sent[0])
+
     async def recv(self) -> VerdictMsg:
-        get = asyncio.ensure_future(self.verdicts.get())
-        try:
-            done, _ = await asyncio.wait({get, self.link.failed}, timeout=self.round_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:  # also when the generation is cancelled: no pending task left behind ("Task was destroyed")
-            if not get.done():
-                get.cancel()
-        if get in done:
-            v = get.result()
-            t0 = self.sent_at.pop(v.round_id, None)
-            if t0 is not None:
-                self.on_round_trip(time.perf_counter() - t0)
-            return v
-        if self.link.failed in done:
-            code, details = self.link.failed.result()
-            raise GenerationError(f"pipeline failed: {code.name}: {details}", error_code(code))
-        raise GenerationError(f"no verdict within {self.round_timeout_s:.0f} s: a stage is stuck or unreachable",
-                              ErrorCode.DEADLINE_EXCEEDED)
+        while True:
+            timeout = self._timeout()
+            get = asyncio.ensure_future(self.verdicts.get())
+            try:
+                done, _ = await asyncio.wait({get, self.link.failed}, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the generation is cancelled: no pending task left behind ("Task was destroyed")
+                if not get.done():
+                    get.cancel()
+            if get in done:
+                v = get.result()
+                self._answered(v.round_id)
+                return v
+            if self.link.failed in done:
+                code, details = self.link.failed.result()
+                raise GenerationError(f"pipeline failed: {code.name}: {details}", error_code(code))
+            now = time.monotonic()
+            oldest = min((t for t, _ in self._waiting.values()), default=now)
+            waited = now - oldest
+            if self.silent is None or waited >= self.deadline.cap_s:
+                raise GenerationError(f"no verdict within {waited:.1f} s: a stage is stuck or unreachable",
+                                      ErrorCode.DEADLINE_EXCEEDED)
+            silent = await self.silent()
+            if silent:
+                raise GenerationError(f"no verdict within {waited:.1f} s and no Info reply from {', '.join(silent)}",
+                                      ErrorCode.DEADLINE_EXCEEDED)
+            n = max((n for _, n in self._waiting.values()), default=1)  # all alive, only slow: wait on
+            self._grace_until = min(oldest + self.deadline.cap_s, time.monotonic() + self.deadline.deadline_s(n))
 
     async def close(self, cancel: bool = False) -> None:
         await self.link.close(cancel)

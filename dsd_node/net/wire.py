@@ -190,6 +190,16 @@ def stats_from_pb(m: pb.Stats) -> Stats:
 
 
 @dataclass
+class ExcludedPeer:
+    """A peer a head keeps out of its routes for now (see dsd_node.net.exclusion)."""
+
+    address: str
+    reason: str
+    remaining_s: float
+    failures: int
+
+
+@dataclass
 class NodeInfo:
     """What a node says about itself (the Info call): roles, model, layers, load, and a head's route."""
 
@@ -207,13 +217,18 @@ class NodeInfo:
     tokens_per_s: float = 0.0
     dtype: str = ""
     route: list[Hop] = field(default_factory=list)
+    excluded: list[ExcludedPeer] = field(default_factory=list)  # a head: peers out of its routes now, and why
 
 
 def node_info_to_pb(i: NodeInfo) -> pb.NodeInfo:
-    return pb.NodeInfo(**{f.name: getattr(i, f.name) for f in fields(NodeInfo) if f.name != "route"},
-                       route=[hop_to_pb(h) for h in i.route])
+    return pb.NodeInfo(**{f.name: getattr(i, f.name) for f in fields(NodeInfo) if f.name not in ("route", "excluded")},
+                       route=[hop_to_pb(h) for h in i.route],
+                       excluded=[pb.ExcludedPeer(**{f.name: getattr(e, f.name) for f in fields(ExcludedPeer)})
+                                 for e in i.excluded])
 
 
 def node_info_from_pb(m: pb.NodeInfo) -> NodeInfo:
-    return NodeInfo(**{f.name: getattr(m, f.name) for f in fields(NodeInfo) if f.name != "route"},
-                    route=[hop_from_pb(h) for h in m.route])
+    return NodeInfo(**{f.name: getattr(m, f.name) for f in fields(NodeInfo) if f.name not in ("route", "excluded")},
+                    route=[hop_from_pb(h) for h in m.route],
+                    excluded=[ExcludedPeer(**{f.name: getattr(e, f.name) for f in fields(ExcludedPeer)})
+                              for e in m.excluded])

@@ -75,31 +75,39 @@ def http_args(http: str | None) -> list[str]:
 
 def plan_discovery(stages: int, replicas: int = 1, model: str = "embedded:target", drafter: str | None = "embedded:drafter",
                    threads: int = 1, extra: list[str] | None = None, key_dir: Path | None = None,
-                   announce_ttl: float = 30.0, http: str | None = None) -> list[NodeSpec]:
-    """A bootstrap peer, `replicas` copies of each of N shards and a drafter announcing themselves, and a head
-    that finds its route through libp2p discovery (nobody is wired by address)."""
+                   announce_ttl: float = 30.0, http: str | None = None, bootstraps: int = 1) -> list[NodeSpec]:
+    """`bootstraps` bootstrap peers, `replicas` copies of each of N shards and of the drafter announcing
+    themselves, and a head that finds its route and its drafters through libp2p discovery (nobody is wired
+    by address). Every node is given every bootstrap peer, so any one of them may die."""
 
     key_dir = Path(key_dir or tempfile.mkdtemp(prefix="dsd-keys-"))
-    boot_port = free_port()
-    boot_key = key_dir / "bootstrap.key"
-    boot = f"/ip4/127.0.0.1/tcp/{boot_port}/p2p/{load_or_create_identity(boot_key).peer_id}"
+    boots: list[NodeSpec] = []
+    multiaddrs: list[str] = []
+    for b in range(bootstraps):
+        name = "bootstrap" + (str(b + 1) if b else "")
+        port, key = free_port(), key_dir / f"{name}.key"
+        multiaddrs.append(f"/ip4/127.0.0.1/tcp/{port}/p2p/{load_or_create_identity(key).peer_id}")
+        addr = f"127.0.0.1:{free_port()}"
+        boots.append(NodeSpec(name, ["--role", "bootstrap", "--identity", str(key), "--listen-p2p",
+                                     f"/ip4/127.0.0.1/tcp/{port}", "--listen", addr,
+                                     *[a for m in multiaddrs[:-1] for a in ("--bootstrap", m)]], addr))
 
     def p2p(name: str) -> list[str]:
         return ["--identity", str(key_dir / f"{name}.key"), "--listen-p2p", f"/ip4/127.0.0.1/tcp/{free_port()}",
-                "--bootstrap", boot, "--announce-ttl", str(announce_ttl)]
+                *[a for m in multiaddrs for a in ("--bootstrap", m)], "--announce-ttl", str(announce_ttl)]
 
     extra = extra or []
-    addr = f"127.0.0.1:{free_port()}"
-    specs = [NodeSpec("bootstrap", ["--role", "bootstrap", "--identity", str(boot_key), "--listen-p2p",
-                                    f"/ip4/127.0.0.1/tcp/{boot_port}", "--listen", addr], addr)]
+    specs = list(boots)
     for i, (a, b) in enumerate(split_layers(model_num_layers(model), stages)):
         for r in range(replicas):
             name = f"stage{i}" + (f"r{r}" if replicas > 1 else "")
             specs.append(_stage(name, model, a, b, threads, [*extra, *p2p(name)], {}))
     head_args = ["--role", "head"]
     if drafter:
-        specs.append(_drafter(drafter, model, threads=threads, extra=[*extra, *p2p("drafter")]))
-        head_args += ["--drafter-addr", specs[-1].address]
+        for r in range(replicas):
+            name = "drafter" + (str(r) if replicas > 1 else "")
+            specs.append(_drafter(drafter, model, threads=threads, extra=[*extra, *p2p(name)], name=name))
+        head_args += ["--drafter-model", DrafterSpec.parse(drafter, model).source]
     specs.append(_head([*head_args, *p2p("head"), *http_args(http)], model, threads, extra, {}))
     return specs
 
@@ -110,11 +118,11 @@ def _stage(name: str, model: str, a: int, b: int, threads: int, extra: list[str]
                            "--threads", str(threads), *extra], addr, env)
 
 
-def _drafter(drafter: str, target: str, threads: int, extra: list[str]) -> NodeSpec:
+def _drafter(drafter: str, target: str, threads: int, extra: list[str], name: str = "drafter") -> NodeSpec:
     """A drafter node running `drafter`; self / oracle:ALPHA run the target itself as the oracle."""
     addr = f"127.0.0.1:{free_port()}"
     model = ["--model", target, "--drafter", drafter] if DrafterSpec.parse(drafter, target).is_target else ["--model", drafter]
-    return NodeSpec("drafter", ["--role", "drafter", *model, "--listen", addr, "--threads", str(threads), *extra], addr)
+    return NodeSpec(name, ["--role", "drafter", *model, "--listen", addr, "--threads", str(threads), *extra], addr)
 
 
 def _head(args: list[str], model: str, threads: int, extra: list[str], env: dict[str, str]) -> NodeSpec:
@@ -199,6 +207,7 @@ class Testnet:
     def down(self, timeout_s: float = 10.0) -> None:
         for p in self.procs.values():
             if p.poll() is None:
+                p.send_signal(signal.SIGCONT)  # a frozen (SIGSTOPped) node could not act on SIGTERM
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for p in self.procs.values():

@@ -106,9 +106,11 @@ class Discovery(TrioPeer):
         query_timeout_s: float = 5.0,
         maintain_interval_s: float = 5.0,
         provide_interval_s: float = 30.0,
+        require_bootstrap: bool = True,
     ) -> None:
         super().__init__(identity, listen_host, listen_port, bootstrap, connect_timeout_s=connect_timeout_s,
-                         query_timeout_s=query_timeout_s, maintain_interval_s=maintain_interval_s)
+                         query_timeout_s=query_timeout_s, maintain_interval_s=maintain_interval_s,
+                         require_bootstrap=require_bootstrap)
         self.provide_interval_s = provide_interval_s
         self.invalid_seen = 0  # records dropped by find() as invalid (garbage, forged, expired, ...)
         self._announced: dict[str, NodeRecord] = {}
@@ -204,13 +206,22 @@ class Discovery(TrioPeer):
                     if p.addrs:
                         dht.host.get_peerstore().add_addrs(p.peer_id, p.addrs, 600)
 
-        closest: list[ID] = []  # a lookup that times out leaves it empty: the local providers still count
-        with trio.move_on_after(self.query_timeout_s):
-            closest = await dht.peer_routing.find_closest_peers_network(mkey)
+        asked: set[ID] = {self._host_id()}
+
+        def ask_providers(nursery: trio.Nursery, peers: Iterable[ID]) -> None:
+            for peer in set(peers) - asked:
+                asked.add(peer)
+                nursery.start_soon(providers_from, peer)
+
+        async def network_lookup(nursery: trio.Nursery) -> None:
+            # a lookup that a dead or frozen peer slows past the timeout finds nothing: the routing table's
+            # peers, asked meanwhile, still count (as do the local providers)
+            with trio.move_on_after(self.query_timeout_s):
+                ask_providers(nursery, await dht.peer_routing.find_closest_peers_network(mkey))
+
         async with trio.open_nursery() as nursery:
-            for peer in closest:
-                if peer != self._host_id():
-                    nursery.start_soon(providers_from, peer)
+            ask_providers(nursery, dht.routing_table.find_local_closest_peers(mkey, 20))
+            nursery.start_soon(network_lookup, nursery)
 
         blobs: dict[str, list[bytes]] = {pid: [] for pid in providers}
 

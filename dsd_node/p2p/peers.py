@@ -16,6 +16,7 @@ import grpc
 
 from dsd_node import __version__
 from dsd_node.engine.messages import Hop
+from dsd_node.net.exclusion import Exclusions
 from dsd_node.net.grpc_util import Channels, query_info
 from dsd_node.p2p.discovery import Discovery, parse_listen_multiaddr
 from dsd_node.p2p.identity import load_or_create_identity
@@ -33,7 +34,7 @@ async def start_discovery(identity_path: str | None, role: str, listen_p2p: str 
                           bootstrap: list[str]) -> Discovery:
     identity = load_or_create_identity(Path(identity_path).expanduser() if identity_path else default_identity_path(role))
     host, port = parse_listen_multiaddr(listen_p2p) if listen_p2p else ("127.0.0.1", 0)
-    d = Discovery(identity, host, port, bootstrap)
+    d = Discovery(identity, host, port, bootstrap, require_bootstrap=False)  # a node keeps trying to join
     await d.start()
     return d
 
@@ -75,36 +76,53 @@ def route_of(records: list[NodeRecord], rtt_ms: dict[str, float], num_layers: in
                        model_id=model_id)
 
 
-async def discover_route(discovery: Discovery, channels: Channels, model_id: str, model_hash: str | None,
-                         num_layers: int, exclude: set[str] = frozenset()) -> tuple[list[Hop], list[NodeRecord]]:
-    """Find the stages of a model, measure their RTT now, and choose the route."""
-    records = [r for r in await stage_records(discovery, model_id, model_hash) if r.peer_id not in exclude]
-    chosen = route_of(records, await probe_all(channels, records), num_layers, model_id)
-    return [Hop(r.grpc_address, r.layer_start, r.layer_end) for r in chosen], chosen
+FORGET_S = 60.0  # a route finder forgets a stage record this long after it expired unrefreshed
 
 
 class RouteFinder:
-    """The head's routes: waits (with a visible message) until the network covers every layer; re-routes on failure."""
+    """The head's routes: waits (with a visible message) until the network covers every layer; re-routes on failure.
+
+    Peers in `exclusions` (by gRPC address) are left out until their backoff ends; the gateway decides who is
+    excluded. Records found before are kept (a lookup that fails, times out or misses some falls back on them),
+    so a slow DHT never stops a failover: the probes decide which stages are alive."""
 
     def __init__(self, discovery: Discovery, channels: Channels, model_id: str, model_hash: str | None,
-                 num_layers: int, say: Callable[[str], None] = print):
+                 num_layers: int, say: Callable[[str], None] = print, exclusions: Exclusions | None = None):
         self.discovery, self.channels = discovery, channels
         self.model_id, self.model_hash, self.num_layers = model_id, model_hash, num_layers
         self.say = say
-        self.dead: set[str] = set()  # peer ids that failed a generation
-        self.by_address: dict[str, str] = {}
+        self.exclusions = exclusions or Exclusions()
+        self.known: list[NodeRecord] = []  # every stage record found so far (see records())
 
-    async def route(self, wait_s: float = 0.0) -> list[Hop]:
+    async def records(self) -> list[NodeRecord]:
+        """The stage records found now, plus those found before (a lookup slowed by a dead or frozen peer may
+        miss some); records not refreshed for FORGET_S after they expired are dropped."""
+        try:
+            found = await stage_records(self.discovery, self.model_id, self.model_hash)
+        except Exception as e:  # noqa: BLE001 - DiscoveryError, a trio error group from a timed-out query...
+            log.warning("stage lookup failed (%r); using the %d records found before", e, len(self.known))
+            found = []
+        now = time.time()
+        merged = {r.peer_id: r for r in self.known if r.expires_at > now - FORGET_S}
+        merged.update({r.peer_id: r for r in found})
+        self.known = sorted(merged.values(), key=lambda r: (r.layer_start, r.peer_id))
+        return list(self.known)
+
+    async def route(self, wait_s: float = 0.0, lookup: bool = True) -> list[Hop]:
+        """The cheapest route among the stages that answer now (lookup=False: among those found before)."""
         deadline = time.monotonic() + wait_s
         last = ""
         while True:
+            excluded = self.exclusions.excluded()
+            known = await self.records() if lookup or not self.known else list(self.known)
+            records = [r for r in known if r.grpc_address not in excluded]
             try:
-                hops, recs = await discover_route(self.discovery, self.channels, self.model_id, self.model_hash,
-                                                  self.num_layers, self.dead)
-                self.by_address.update({r.grpc_address: r.peer_id for r in recs})
-                return hops
+                chosen = route_of(records, await probe_all(self.channels, records), self.num_layers, self.model_id)
+                return [Hop(r.grpc_address, r.layer_start, r.layer_end) for r in chosen]
             except RouteError as e:
                 if time.monotonic() >= deadline:
+                    if excluded:
+                        raise RouteError(f"{e} (excluded for now: {', '.join(sorted(excluded))})") from None
                     raise
                 if str(e) != last:
                     self.say(f"waiting for stages: {e}")
@@ -112,8 +130,19 @@ class RouteFinder:
                 await asyncio.sleep(1.0)
 
     async def reroute(self, failed: list[Hop]) -> list[Hop]:
-        """Mark the hops that no longer answer as dead and find a route around them."""
-        for hop in failed:
-            if await probe_rtt(self.channels, hop.address, timeout=1.0) is None and hop.address in self.by_address:
-                self.dead.add(self.by_address[hop.address])
-        return await self.route(wait_s=0.0)
+        """A route around the peers excluded now (the gateway excluded the culprits of `failed`): first among the
+        stages found before (no DHT lookup, which a dead or frozen peer slows down), else after a fresh lookup."""
+        try:
+            return await self.route(wait_s=0.0, lookup=False)
+        except RouteError:
+            return await self.route(wait_s=0.0)
+
+    async def keep_fresh(self, interval_s: float) -> None:
+        """Look the stages up every `interval_s` until cancelled, so a failover knows every replica at once."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.records()
+
+    async def drafters(self, model_id: str) -> list[str]:
+        """gRPC addresses of the drafter nodes announcing `model_id` now."""
+        return [r.grpc_address for r in await self.discovery.find(model_id) if r.role == "drafter"]

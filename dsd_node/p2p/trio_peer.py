@@ -62,10 +62,14 @@ class DiscoveryError(RuntimeError):
 class TrioPeer:
     """A libp2p peer (host + Kademlia DHT in server mode) in its own trio thread, with an asyncio-facing lifecycle.
 
-    Bootstrap policy: :meth:`start` retries the bootstrap peers until ``connect_timeout_s``; if
-    none is reachable by then it raises :class:`DiscoveryError`. Once running, a background loop
-    re-dials disconnected bootstrap peers every ``maintain_interval_s`` (logging at warning when
-    the node has no connections at all). With no ``bootstrap`` peers it acts as a bootstrap peer.
+    Bootstrap policy: with ``require_bootstrap`` (a one-shot client such as ``dsd route``), :meth:`start`
+    retries the bootstrap peers until ``connect_timeout_s`` and raises :class:`DiscoveryError` if none is
+    reachable by then. Without it (a node daemon), :meth:`start` returns once listening and the peers are
+    dialed in the background until one answers, with a warning every few seconds meanwhile: one dead
+    bootstrap among several, or all of them down for a while, never stops a node. Once running, a
+    background loop re-dials disconnected bootstrap peers every ``maintain_interval_s``; when the node has
+    no connection at all it also re-dials every peer it has met (any known peer is an entry point). With
+    no ``bootstrap`` peers it acts as a bootstrap peer.
     """
 
     def __init__(
@@ -78,8 +82,10 @@ class TrioPeer:
         connect_timeout_s: float = 10.0,
         query_timeout_s: float = 5.0,
         maintain_interval_s: float = 5.0,
+        require_bootstrap: bool = True,
     ) -> None:
         self.identity = identity
+        self.require_bootstrap = require_bootstrap
         self.listen_multiaddr = Multiaddr(f"/ip4/{listen_host}/tcp/{listen_port}")
         self.bootstrap = [str(a) for a in bootstrap]
         self._bootstrap_infos = [info_from_p2p_addr(Multiaddr(a)) for a in self.bootstrap]  # validate early
@@ -166,12 +172,14 @@ class TrioPeer:
             # DHT service first, dial afterwards: an early inbound connect otherwise tears the swarm down.
             async with background_trio_service(dht), trio.open_nursery() as nursery:
                 self._host, self._dht, self._nursery = host, dht, nursery
-                if self._bootstrap_infos:
+                if self._bootstrap_infos and self.require_bootstrap:
                     try:
                         await self._initial_dial()
                     except DiscoveryError as exc:  # raised here, not through trio's exception groups
                         ready.set_exception(exc)
                         return
+                elif self._bootstrap_infos:
+                    nursery.start_soon(self._join_in_background)
                 ready.set_result(self._dialable_addrs(host))
                 nursery.start_soon(self._maintain)
                 await self._stop_event.wait()
@@ -236,14 +244,45 @@ class TrioPeer:
         with trio.move_on_after(self.query_timeout_s):  # self-lookup fills the routing table
             await self._dht.peer_routing.find_closest_peers_network(self._host_id().to_bytes())
 
+    async def _join_in_background(self, retry_s: float = 1.0, say_every_s: float = 10.0) -> None:
+        """Dial the bootstrap peers until one answers (saying so every `say_every_s`), then fill the routing table."""
+        assert self._dht is not None
+        t0 = said = trio.current_time()
+        while True:
+            ok = [await self._dial(i) for i in self._bootstrap_infos]
+            if any(ok):
+                break
+            if trio.current_time() - said >= say_every_s:
+                said = trio.current_time()
+                log.warning("no bootstrap peer reachable for %.0f s (%s); still retrying (give more with "
+                            "--bootstrap; any node's p2p address works)", said - t0, ", ".join(self.bootstrap))
+            await trio.sleep(retry_s)
+        for info, good in zip(self._bootstrap_infos, ok, strict=True):
+            if not good:
+                log.warning("bootstrap peer %s unreachable; will keep retrying", info.peer_id)
+        log.info("joined the network through %d of %d bootstrap peers", sum(ok), len(ok))
+        with trio.move_on_after(self.query_timeout_s):
+            await self._dht.peer_routing.find_closest_peers_network(self._host_id().to_bytes())
+
     async def _maintain(self) -> None:
-        assert self._host is not None
+        assert self._host is not None and self._dht is not None
         while True:
             await trio.sleep(self.maintain_interval_s)
             connected = set(self._host.get_connected_peers())
             for info in self._bootstrap_infos:
                 if info.peer_id not in connected and not await self._dial(info):
                     log.debug("bootstrap peer %s still unreachable", info.peer_id)
+            if self._bootstrap_infos and not self._host.get_connected_peers():
+                # every bootstrap is down: any peer met before is an entry point too
+                store = self._host.get_peerstore()
+                for pid in self._dht.routing_table.get_peer_ids():
+                    try:
+                        addrs = store.addrs(pid)
+                    except Exception:  # noqa: BLE001 - py-libp2p raises when it has no address for the peer
+                        continue
+                    if pid != self._host_id() and addrs and await self._dial(PeerInfo(pid, addrs)):
+                        log.info("rejoined the network through known peer %s", pid)
+                        break
             if self._bootstrap_infos and not self._host.get_connected_peers():
                 log.warning("libp2p peer %s has no connections; retrying bootstrap %s", self.peer_id, self.bootstrap)
 

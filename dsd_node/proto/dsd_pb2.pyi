@@ -190,7 +190,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("role", "model", "model_hash", "layer_start", "layer_end", "num_layers", "version", "sessions", "max_sessions", "peer_id", "address", "tokens_per_s", "dtype", "route")
+    __slots__ = ("role", "model", "model_hash", "layer_start", "layer_end", "num_layers", "version", "sessions", "max_sessions", "peer_id", "address", "tokens_per_s", "dtype", "route", "excluded")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class NodeInfo(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     model_hash: str
@@ -219,7 +220,20 @@ class NodeInfo(_message.Message):
     tokens_per_s: float
     dtype: str
     route: _containers.RepeatedCompositeFieldContainer[Hop]
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., dtype: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+    excluded: _containers.RepeatedCompositeFieldContainer[ExcludedPeer]
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., dtype: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[ExcludedPeer, _Mapping]]] = ...) -> None: ...
+
+class ExcludedPeer(_message.Message):
+    __slots__ = ("address", "reason", "remaining_s", "failures")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_S_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    reason: str
+    remaining_s: float
+    failures: int
+    def __init__(self, address: _Optional[str] = ..., reason: _Optional[str] = ..., remaining_s: _Optional[float] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "prompt_tokens", "mode", "max_new_tokens", "draft_k", "sampling", "max_inflight", "ignore_eos", "tree")
@@ -244,7 +258,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., draft_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_inflight: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("rounds", "rounds_wasted", "accepted_per_round", "tokens_per_s", "ms_per_token", "new_tokens", "inflight", "mode", "draft_ms", "wall_ms", "failovers")
+    __slots__ = ("rounds", "rounds_wasted", "accepted_per_round", "tokens_per_s", "ms_per_token", "new_tokens", "inflight", "mode", "draft_ms", "wall_ms", "failovers", "drafter_failures", "fallback_rounds")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_WASTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +270,8 @@ class Stats(_message.Message):
     DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     rounds_wasted: int
     accepted_per_round: _containers.RepeatedScalarFieldContainer[int]
@@ -267,7 +283,9 @@ class Stats(_message.Message):
     draft_ms: float
     wall_ms: float
     failovers: int
-    def __init__(self, rounds: _Optional[int] = ..., rounds_wasted: _Optional[int] = ..., accepted_per_round: _Optional[_Iterable[int]] = ..., tokens_per_s: _Optional[float] = ..., ms_per_token: _Optional[float] = ..., new_tokens: _Optional[int] = ..., inflight: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., draft_ms: _Optional[float] = ..., wall_ms: _Optional[float] = ..., failovers: _Optional[int] = ...) -> None: ...
+    drafter_failures: int
+    fallback_rounds: int
+    def __init__(self, rounds: _Optional[int] = ..., rounds_wasted: _Optional[int] = ..., accepted_per_round: _Optional[_Iterable[int]] = ..., tokens_per_s: _Optional[float] = ..., ms_per_token: _Optional[float] = ..., new_tokens: _Optional[int] = ..., inflight: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., draft_ms: _Optional[float] = ..., wall_ms: _Optional[float] = ..., failovers: _Optional[int] = ..., drafter_failures: _Optional[int] = ..., fallback_rounds: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("tokens", "text", "stats")
