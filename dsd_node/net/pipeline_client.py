@@ -1,21 +1,19 @@
 """The head's side of the network pipeline: one Forward stream to the first stage per session, verdicts
-arriving on the gateway's Verdicts service, and a remote drafter."""
+arriving on the gateway's Verdicts service (remote drafters: drafter_pool.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 import grpc
 
 from dsd_node.engine.config import ErrorCode, GenerationError
-from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
 from dsd_node.net.deadline import AdaptiveDeadline
-from dsd_node.net.grpc_util import error_code, rpc_error_text
-from dsd_node.net.wire import draft_from_pb, draft_request_to_pb, round_to_pb
+from dsd_node.net.grpc_util import error_code
+from dsd_node.net.wire import round_to_pb
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
@@ -137,25 +135,3 @@ class GrpcPipeline:
 
     async def close(self, cancel: bool = False) -> None:
         await self.link.close(cancel)
-
-
-class RemoteDraftSource:
-    """A drafter node reached over gRPC."""
-
-    def __init__(self, channel: grpc.aio.Channel, address: str):
-        self.stub = rpc.DrafterStub(channel)
-        self.address = address
-
-    async def draft(self, session_id: str, req: DraftRequest) -> Draft:
-        t0 = time.perf_counter()
-        try:
-            r = await self.stub.Draft(draft_request_to_pb(session_id, req), timeout=60)
-        except grpc.aio.AioRpcError as e:
-            raise GenerationError(f"drafter at {self.address} failed: {rpc_error_text(e)}", error_code(e.code())) from e
-        return replace(draft_from_pb(r), draft_ms=(time.perf_counter() - t0) * 1e3)
-
-    async def end_session(self, session_id: str) -> None:
-        try:
-            await self.stub.EndSession(pb.SessionRef(session_id=session_id), timeout=5)
-        except grpc.aio.AioRpcError:
-            pass
