@@ -62,6 +62,7 @@ def test_prompt_not_echoed_before_a_connection_error():
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # 20 s; the gateway and testnet variants stay in the default run
 def test_ctrl_c_during_local_generation():
     # --json prints nothing until the end: give the models time to load and the generation time to start
     cmd = [*DSD, "generate", "--local", "def f(", "--mode", "dsi", "--max-new-tokens", "2000", "--ignore-eos", "--json"]

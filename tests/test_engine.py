@@ -193,7 +193,7 @@ def _exact_marginals(model, ids: list[int], params: SamplingParams) -> tuple[tor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["si", "dsi"])
+@pytest.mark.parametrize("mode", ["si", pytest.param("dsi", marks=pytest.mark.extended)])  # dsi: 30 s, extended tier
 def test_sampling_keeps_the_target_distribution(reference, tokenizer, random_drafter, mode):
     """Multi-step speculative sampling over draft trees, with a drafter far from the target, must still sample
     the target's distribution."""

@@ -175,3 +175,15 @@ async def test_memory_is_trimmed_after_sessions_end_at_most_once_per_interval():
     assert m.trims == 1
     await asyncio.sleep(0.2)
     assert m.trims == 2
+
+
+def test_node_config_takes_flags_then_environment_then_file_then_defaults(tmp_path) -> None:
+    f = tmp_path / "node.yaml"
+    f.write_text("max-sessions: 7\nmax_branch: 5\nsession_ttl: 12\nlayers: '0:4'\n")
+    cfg = NodeConfig.resolve({"max_sessions": 3, "max_branch": None}, {"DSD_MAX_BRANCH": "9", "DSD_SESSION_TTL": "8"},
+                             str(f))
+    assert (cfg.max_sessions, cfg.max_branch, cfg.session_ttl, cfg.layers) == (3, 9, 8.0, "0:4")
+    assert NodeConfig.resolve({}, {}, None).max_sessions == NodeConfig().max_sessions
+    (tmp_path / "bad.yaml").write_text("no_such_key: 1\n")
+    with pytest.raises(ConfigError, match="unknown keys in .*bad.yaml: no_such_key"):
+        NodeConfig.resolve({}, {}, str(tmp_path / "bad.yaml"))

@@ -194,6 +194,8 @@ async def test_full_node_says_so_and_killing_a_stage_fails_generation_quickly(re
     assert [p.returncode for n, p in net.procs.items() if n != "stage1"] == [0, 0]
 
 
+@pytest.mark.slow
+@pytest.mark.extended  # ~35 s of node start-ups; the precedence rules also have fast tests (test_fast_* / config)
 def test_config_file_environment_and_flags(tmp_path):
     cfg = tmp_path / "node.yaml"
     cfg.write_text("model: embedded:target\nlayers: '0:2'\nmax_sessions: 5\n")
