@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,3 +80,38 @@ async def count_flips(generate, ids: list[int], want: list[int]) -> int:
             break
         flips, pos = flips + 1, pos + k + 1
     return flips
+
+
+@contextmanager
+def running(specs) -> Iterator:
+    """A Testnet of `specs` started and healthy for the block; stopped and its temp folders removed after."""
+    from dsd_node.ops.testnet import Testnet
+
+    net = Testnet(specs)
+    try:
+        asyncio.run(net.up())
+        yield net
+    finally:
+        net.down()
+        net.remove_temp_dirs()
+
+
+async def stage_sessions(addresses: list[str]) -> list[int]:
+    """Open sessions on each node, from its Info reply."""
+    import grpc
+
+    from dsd_node.net.grpc_util import query_info
+
+    out = []
+    for a in addresses:
+        async with grpc.aio.insecure_channel(a) as ch:
+            out.append((await query_info(ch)).sessions)
+    return out
+
+
+async def wait_no_sessions(addresses: list[str], timeout: float) -> None:
+    """Wait (at most `timeout` s) until no node holds a session; assert it."""
+    deadline = time.monotonic() + timeout
+    while sum(await stage_sessions(addresses)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await stage_sessions(addresses) == [0] * len(addresses)

@@ -11,14 +11,13 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy
+from conftest import PROMPTS, hf_greedy, running, stage_sessions, wait_no_sessions
 
 from dsd_node.engine.config import GenerationConfig, TreeShape
 from dsd_node.engine.messages import Hop, RoundMsg
 from dsd_node.engine.tree import SparseDist, TokenTree
 from dsd_node.engine.verify import Rule, SamplingParams
 from dsd_node.net.client import ClientError, DsdClient
-from dsd_node.net.grpc_util import query_info
 from dsd_node.net.wire import generate_request_to_pb, round_to_pb
 from dsd_node.ops.testnet import Testnet, plan
 from dsd_node.proto import dsd_pb2 as pb
@@ -44,13 +43,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 @pytest.fixture(scope="module")
 def net():
-    n = Testnet(plan(2, extra=EXTRA))
-    try:
-        asyncio.run(n.up())
+    with running(plan(2, extra=EXTRA)) as n:
         yield n
-    finally:
-        n.down()
-        n.remove_temp_dirs()
 
 
 def _addr(net: Testnet, prefix: str) -> list[str]:
@@ -62,19 +56,8 @@ def _route(net: Testnet) -> list[Hop]:
     return [Hop(s0, 0, 4), Hop(s1, 4, 8)]
 
 
-async def _sessions(addresses: list[str]) -> list[int]:
-    out = []
-    for a in addresses:
-        async with grpc.aio.insecure_channel(a) as ch:
-            out.append((await query_info(ch)).sessions)
-    return out
-
-
 async def _wait_no_sessions(addresses: list[str], timeout: float = 3 * TTL) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(await _sessions(addresses)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert await _sessions(addresses) == [0] * len(addresses)
+    await wait_no_sessions(addresses, timeout)
 
 
 async def _call_error(call) -> grpc.aio.AioRpcError | None:
@@ -202,11 +185,11 @@ async def test_a_reused_session_id_is_refused_and_the_victim_lives_on(net):
         victim = rpc.StageStub(ch).Forward()
         await victim.write(commit_only)
         deadline = time.monotonic() + TTL / 2
-        while (await _sessions([s1]))[0] != 1 and time.monotonic() < deadline:
+        while (await stage_sessions([s1]))[0] != 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         err = await _forward(s1, [commit_only])
         assert err is not None and err.code() == grpc.StatusCode.ALREADY_EXISTS, err
-        assert (await _sessions([s1]))[0] == 1  # still held, by the victim
+        assert (await stage_sessions([s1]))[0] == 1  # still held, by the victim
         await victim.write(commit_only)  # on main this fails: the intruder's stream ended the victim's session
         await victim.done_writing()
         assert await asyncio.wait_for(_call_error(victim), 10) is None
@@ -240,9 +223,9 @@ async def test_abandoned_streams_expire_and_full_stages_are_back_pressure(net, r
 
     try:
         deadline = time.monotonic() + TTL / 2
-        while (await _sessions(stages))[1] < SLOTS and time.monotonic() < deadline:
+        while (await stage_sessions(stages))[1] < SLOTS and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        assert (await _sessions(stages))[1] == SLOTS
+        assert (await stage_sessions(stages))[1] == SLOTS
         keepers = [asyncio.ensure_future(keep_alive(c, f"abandoned{i}")) for i, c in enumerate(streams)]
         t0 = time.monotonic()
         async with DsdClient(net.gateway) as c:

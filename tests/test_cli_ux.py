@@ -14,11 +14,12 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import running
 
 from dsd_node.engine.config import GenerationConfig
 from dsd_node.engine.models import ModelError, resolve_model_path
 from dsd_node.net.client import parse_gateway_address
-from dsd_node.ops.testnet import Testnet, plan
+from dsd_node.ops.testnet import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 DSD = [sys.executable, "-m", "dsd_node.cli"]
@@ -106,13 +107,8 @@ def test_no_future_warning_from_the_layers(local_engine):
 
 @pytest.fixture(scope="module")
 def net():
-    n = Testnet(plan(2, http="auto"))  # the README's OpenAI example runs against its HTTP API
-    try:
-        asyncio.run(n.up())
+    with running(plan(2, http="auto")) as n:  # the README's OpenAI example runs against its HTTP API
         yield n
-    finally:
-        n.down()
-        n.remove_temp_dirs()
 
 
 def _readme_python_blocks() -> list[str]:

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy
+from conftest import PROMPTS, hf_greedy, stage_sessions, wait_no_sessions
 
 from dsd_node.engine.config import GenerationConfig
 from dsd_node.engine.messages import Hop, RoundMsg
@@ -75,19 +75,8 @@ async def test_eight_concurrent_sessions(net2, reference, tokenizer):
         assert r.tokens == hf_greedy(reference, tokenizer(p)["input_ids"], 24, tokenizer.eos_token_id)
 
 
-async def _sessions(addresses: list[str]) -> list[int]:
-    out = []
-    for a in addresses:
-        async with grpc.aio.insecure_channel(a) as ch:
-            out.append((await query_info(ch)).sessions)
-    return out
-
-
 async def _wait_no_sessions(stages: list[str], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(await _sessions(stages)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert await _sessions(stages) == [0] * len(stages)
+    await wait_no_sessions(stages, timeout)
 
 
 async def test_cancel_frees_the_session_on_every_stage(net2):
@@ -96,7 +85,7 @@ async def test_cancel_frees_the_session_on_every_stage(net2):
     async with DsdClient(net2.gateway) as c:
         stream = c.stream(PROMPTS[0], GenerationConfig(mode="ar", max_new_tokens=1000, ignore_eos=True))
         await stream.__anext__()
-        assert sum(await _sessions(stages)) == len(stages)  # the session lives on every stage
+        assert sum(await stage_sessions(stages)) == len(stages)  # the session lives on every stage
         await stream.aclose()  # cancels the call
     await _wait_no_sessions(stages)
 
