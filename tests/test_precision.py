@@ -17,9 +17,10 @@ from transformers import AutoModelForCausalLM
 
 from dsd_node.engine.config import GenerationConfig
 from dsd_node.engine.device import DeviceError, default_threads, resolve_device, resolve_dtype
+from dsd_node.engine.limits import check_context
 from dsd_node.engine.local import LocalEngine
 from dsd_node.engine.messages import RoundMsg
-from dsd_node.engine.models import check_context, load_shard, max_positions
+from dsd_node.engine.models import load_shard, max_positions
 from dsd_node.engine.shard_runner import ShardRunner
 from dsd_node.engine.stage import BadRound, StageHandler
 from dsd_node.engine.tree import TokenTree

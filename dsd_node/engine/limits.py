@@ -79,17 +79,8 @@ class Limits:
     def check_generation(self, n_prompt: int, cfg: GenerationConfig, model_positions: int | None) -> None:
         """A whole request, at the gateway: prompt + new tokens within the context, and the shape of its rounds."""
         ctx = self.context(model_positions)
-        if ctx is not None and n_prompt + cfg.max_new_tokens > ctx:
-            what = "the model's context" if ctx == model_positions else "this gateway's limit"
-            fix = (
-                f"ask for at most {ctx - n_prompt} new tokens or shorten the prompt"
-                if n_prompt < ctx
-                else f"shorten the prompt to under {ctx} tokens"
-            )
-            raise LimitError(
-                f"prompt ({n_prompt} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceed {what} "
-                f"of {ctx} positions: {fix}"
-            )
+        check_context(n_prompt, cfg.max_new_tokens, ctx,
+                      "the model's context" if ctx == model_positions else "this gateway's limit")
         if cfg.max_inflight > MAX_INFLIGHT:
             raise LimitError(f"max_inflight {cfg.max_inflight} exceeds the limit of {MAX_INFLIGHT}")
         if cfg.mode != "ar":
@@ -116,6 +107,15 @@ class Limits:
         ctx = self.context(model_positions)
         if ctx is not None and ctx_len + depth + 1 > ctx + self.max_draft_k + 1:
             raise LimitError(f"round reaches position {ctx_len + depth}, past the context of {ctx} positions")
+
+
+def check_context(n_prompt: int, max_new_tokens: int, limit: int | None, what: str = "the model's context") -> None:
+    """LimitError (one line) when a prompt plus the tokens asked for do not fit `limit` positions."""
+    if limit is not None and n_prompt + max_new_tokens > limit:
+        fix = (f"ask for at most {limit - n_prompt} new tokens or shorten the prompt" if n_prompt < limit
+               else f"shorten the prompt to under {limit} tokens")
+        raise LimitError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceed {what} "
+                         f"of {limit} positions: {fix}")
 
 
 def draft_nodes(draft_k: int, tree: TreeShape) -> int:

@@ -13,9 +13,9 @@ from dsd_node.engine.config import DrafterSpec, GenerationConfig, Stats
 from dsd_node.engine.device import default_threads, resolve_device
 from dsd_node.engine.drafter import Draft, Drafter, DraftRequest
 from dsd_node.engine.head import Head
+from dsd_node.engine.limits import check_context
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.models import (
-    check_context,
     check_same_tokenizer,
     load_config,
     load_shard,

@@ -283,15 +283,6 @@ def max_positions(config_or_source) -> int | None:
     return None
 
 
-def check_context(n_prompt: int, max_new_tokens: int, limit: int | None) -> None:
-    """ValueError (one line) when a prompt plus the tokens asked for do not fit the model's positions."""
-    if limit is not None and n_prompt + max_new_tokens > limit:
-        fix = (f"ask for at most {limit - n_prompt} new tokens or shorten the prompt" if n_prompt < limit
-               else f"shorten the prompt to under {limit} tokens")
-        raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's context "
-                         f"of {limit} positions: {fix}")
-
-
 def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
     """Cut num_layers into `stages` contiguous ranges as evenly as possible."""
     if not 1 <= stages <= num_layers:
