@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -34,7 +35,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         parse_gateway_address(args.gateway)  # ValueError: one line, exit code 2, before anything else
     cfg = generation_config(args)
     if not args.local:
-        return run_main(_generate_remote(args.gateway, args.prompt, cfg, args.json))
+        return run_main(_generate_remote(args.gateway, args.prompt, cfg, args.json, _api_key(args),
+                                         args.gateway_peer_id))
     if args.mode == "dsi":
         print("note: --local runs every stage in one process, so dsi has no link latency to hide", file=sys.stderr)
     eng = LocalEngine(args.model, None if args.mode == "ar" else args.drafter, args.stages, args.dtype,
@@ -64,10 +66,15 @@ def run_main(coro) -> int:
     return asyncio.run(guarded())
 
 
-async def _generate_remote(gateway: str, prompt: str, cfg: GenerationConfig, as_json: bool) -> int:
+def _api_key(args: argparse.Namespace) -> str | None:
+    return getattr(args, "api_key", None) or os.environ.get("DSD_API_KEY") or None
+
+
+async def _generate_remote(gateway: str, prompt: str, cfg: GenerationConfig, as_json: bool,
+                           api_key: str | None = None, peer_id: str | None = None) -> int:
     res = ClientResult()
     pending = "" if as_json else prompt  # the prompt is echoed with the first text, not before a connection error
-    async with DsdClient(gateway) as c:
+    async with DsdClient(gateway, api_key=api_key, peer_id=peer_id) as c:
         try:
             async for chunk in c.stream(prompt, cfg, res):
                 if not as_json:

@@ -61,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds an announcement stays valid; refreshed every third of it (30)")
     ap.add_argument("--route-wait", dest="route_wait", type=float,
                     help="head: seconds to wait for stages covering every layer to appear (3600)")
+    ap.add_argument("--insecure", action="store_true", default=None,
+                    help="plain-text gRPC links without peer authentication (local testnets only; default: TLS "
+                         "bound to the libp2p identity, mutually authenticated)")
+    ap.add_argument("--swarm-key", dest="swarm_key", metavar="FILE",
+                    help="private swarm: shared secret file (>= 32 bytes); records, certificates and calls of "
+                         "peers without it are refused")
+    ap.add_argument("--allow-peers", dest="allow_peers", metavar="FILE",
+                    help="private swarm: only these peer ids (one a line) may call this node or be routed through")
+    ap.add_argument("--api-key", dest="api_key",
+                    help="head: clients must send this key to call Generate (or DSD_API_KEY)")
+    ap.add_argument("--dial-allow", dest="dial_allow", action="append",
+                    help="node without discovery: addresses a round may name as next hop or reply_to (repeatable; "
+                         "default: any)")
     ap.add_argument("--print-peer-id", dest="print_peer_id", action="store_true", help="print the peer id and exit")
     ap.add_argument("--config", help="YAML config file")
     ap.add_argument("--log-level", dest="log_level", help="debug, info, warning (default info)")

@@ -48,6 +48,12 @@ class NodeConfig:
     log_level: str = "info"
     announce_ttl: float = 30.0
     route_wait: float = 3600.0
+    # trust (see dsd_node/net/tls.py and the README's Security section)
+    insecure: bool = False  # plain-text gRPC links, no peer authentication (local testnets only)
+    swarm_key: str | None = None  # file with the private swarm's shared secret
+    allow_peers: str | None = None  # file with the peer ids allowed to take part, one a line
+    api_key: str | None = None  # clients must send it (metadata dsd-api-key) to call Generate
+    dial_allow: list[str] = field(default_factory=list)  # without discovery: the addresses messages may name
 
     @property
     def roles(self) -> list[str]:

@@ -22,6 +22,7 @@ from dsd_node.engine.messages import Hop
 from dsd_node.engine.models import check_context
 from dsd_node.net.grpc_util import Channels
 from dsd_node.net.pipeline_client import GrpcPipeline
+from dsd_node.net.tls import AccessPolicy, AuthError, TlsIdentityError
 from dsd_node.net.wire import generation_config_from_pb, stats_to_pb, verdict_from_pb
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
@@ -46,9 +47,11 @@ class GatewayConfig:
 class GatewayService(rpc.GatewayServicer):
     """`cfg` is None until the node has built its route; Generate says so meanwhile."""
 
-    def __init__(self, address: str, channels: Channels, cfg: GatewayConfig | None = None):
-        self.address, self.channels, self.cfg = address, channels, cfg
+    def __init__(self, address: str, channels: Channels, cfg: GatewayConfig | None = None,
+                 policy: AccessPolicy | None = None):
+        self.address, self.channels, self.cfg, self.policy = address, channels, cfg, policy
         self.sessions: dict[str, asyncio.Queue] = {}
+        self.last_stage: dict[str, str] = {}  # session -> peer id of its route's last stage (who may send verdicts)
 
     @property
     def route(self) -> list[Hop]:
@@ -88,9 +91,11 @@ class GatewayService(rpc.GatewayServicer):
         while True:
             left = replace(gcfg, max_new_tokens=gcfg.max_new_tokens - len(prior))
             head, failure = await self._run_session(ids + prior, left, emit)
-            stats.add(head.stats)
-            prior += head.trimmed()
-            if failure is None or len(prior) >= gcfg.max_new_tokens or (head.eos is not None and head.eos in prior):
+            if head is not None:
+                stats.add(head.stats)
+                prior += head.trimmed()
+            if failure is None or len(prior) >= gcfg.max_new_tokens or (
+                    head is not None and head.eos is not None and head.eos in prior):
                 break
             if failure.code not in RETRYABLE or self.cfg.reroute is None or stats.failovers >= MAX_FAILOVERS:
                 await context.abort(grpc.StatusCode[failure.code.name], str(failure))
@@ -104,14 +109,19 @@ class GatewayService(rpc.GatewayServicer):
         stats.new_tokens, stats.wall_ms = len(prior), (time.perf_counter() - t0) * 1e3
         await context.write(pb.GenerateEvent(stats=stats_to_pb(stats)))
 
-    async def _run_session(self, prompt: list[int], gcfg: GenerationConfig, emit) -> tuple[Head, GenerationError | None]:
-        """One pipeline session; returns the head and the failure, if any."""
+    async def _run_session(self, prompt: list[int], gcfg: GenerationConfig, emit
+                           ) -> tuple[Head | None, GenerationError | None]:
+        """One pipeline session; returns the head (None if the first stage could not be reached) and the failure."""
         sid = uuid.uuid4().hex
+        route = self.cfg.route
+        try:
+            channel = await self.channels.get(route[0].address, route[0].peer_id or None)
+        except (OSError, TlsIdentityError) as e:  # unreachable, or not the peer the route names: try another route
+            return None, GenerationError(f"first stage {route[0].address}: {e}", ErrorCode.UNAVAILABLE)
         verdicts: asyncio.Queue = asyncio.Queue()
         self.sessions[sid] = verdicts
-        route = self.cfg.route
-        pipe = GrpcPipeline(sid, route, self.address, self.channels.get(route[0].address), verdicts,
-                            self.cfg.round_timeout_s)
+        self.last_stage[sid] = route[-1].peer_id
+        pipe = GrpcPipeline(sid, route, self.address, channel, verdicts, self.cfg.round_timeout_s)
         head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
         head.on_tokens = lambda new: emit(new, head)
         failure = None
@@ -121,6 +131,7 @@ class GatewayService(rpc.GatewayServicer):
             failure = e
         finally:
             self.sessions.pop(sid, None)
+            self.last_stage.pop(sid, None)
             await pipe.close(cancel=failure is not None)
             end = getattr(self.cfg.drafter, "end_session", None)
             if end is not None:
@@ -128,9 +139,17 @@ class GatewayService(rpc.GatewayServicer):
         return head, failure
 
     async def Verdicts(self, request_iterator, context):
+        try:
+            caller = self.policy.caller(context) if self.policy is not None else None
+        except AuthError as e:
+            await context.abort(e.code, e.details)
         async for m in request_iterator:
             q = self.sessions.get(m.session_id)
             if q is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session id {m.session_id!r}")
+            want = self.last_stage.get(m.session_id, "")
+            if caller is not None and caller != want:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"verdict from peer {caller}, not from the session's last stage {want or '(unnamed)'}")
             q.put_nowait(verdict_from_pb(m))
         return pb.VerdictAck()

@@ -107,11 +107,11 @@ def verdict_from_pb(m: pb.Verdict) -> VerdictMsg:
 
 
 def hop_to_pb(h: Hop) -> pb.Hop:
-    return pb.Hop(address=h.address, layer_start=h.layer_start, layer_end=h.layer_end)
+    return pb.Hop(address=h.address, layer_start=h.layer_start, layer_end=h.layer_end, peer_id=h.peer_id)
 
 
 def hop_from_pb(m: pb.Hop) -> Hop:
-    return Hop(m.address, m.layer_start, m.layer_end)
+    return Hop(m.address, m.layer_start, m.layer_end, m.peer_id)
 
 
 def tree_shape_to_pb(s: TreeShape) -> pb.TreeShape:

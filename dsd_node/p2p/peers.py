@@ -17,6 +17,7 @@ import grpc
 from dsd_node import __version__
 from dsd_node.engine.messages import Hop
 from dsd_node.net.grpc_util import Channels, query_info
+from dsd_node.net.tls import TlsIdentityError
 from dsd_node.p2p.discovery import Discovery, parse_listen_multiaddr
 from dsd_node.p2p.identity import load_or_create_identity
 from dsd_node.p2p.records import NodeRecord
@@ -30,10 +31,10 @@ def default_identity_path(role: str) -> Path:
 
 
 async def start_discovery(identity_path: str | None, role: str, listen_p2p: str | None,
-                          bootstrap: list[str]) -> Discovery:
+                          bootstrap: list[str], swarm_key: bytes | None = None) -> Discovery:
     identity = load_or_create_identity(Path(identity_path).expanduser() if identity_path else default_identity_path(role))
     host, port = parse_listen_multiaddr(listen_p2p) if listen_p2p else ("127.0.0.1", 0)
-    d = Discovery(identity, host, port, bootstrap)
+    d = Discovery(identity, host, port, bootstrap, swarm_key=swarm_key)
     await d.start()
     return d
 
@@ -48,12 +49,17 @@ def make_record(peer_id: str, role: str, model_id: str, model_hash: str, start: 
                       expires_at=time.time() + ttl_s, device=device, dtype=dtype, mem_free_mb=int(mem_free_mb))
 
 
-async def probe_rtt(channels: Channels, address: str, timeout: float = 2.0) -> float | None:
-    """Round trip of an Info call in ms, or None when the node does not answer."""
+async def probe_rtt(channels: Channels, address: str, timeout: float = 2.0, peer_id: str = "") -> float | None:
+    """Round trip of an Info call in ms, or None when the node does not answer (or, with TLS, does not prove
+    the peer id its record names: a forged or stale identity is never routed through)."""
     t0 = time.perf_counter()
     try:
-        await query_info(channels.get(address), timeout=timeout)
-    except grpc.aio.AioRpcError:
+        await query_info(await channels.get(address, peer_id or None), timeout=timeout)
+    except (grpc.aio.AioRpcError, OSError) as e:  # TlsIdentityError is an OSError (ConnectionError)
+        if isinstance(e, TlsIdentityError):
+            log.warning("not routing through %s: %s", address, e)
+        if not isinstance(e, grpc.aio.AioRpcError) or e.code() == grpc.StatusCode.UNAVAILABLE:
+            channels.forget(address)  # a node back at this address presents a new certificate
         return None
     return (time.perf_counter() - t0) * 1e3
 
@@ -64,7 +70,7 @@ async def stage_records(discovery: Discovery, model_id: str, model_hash: str | N
 
 async def probe_all(channels: Channels, records: list[NodeRecord]) -> dict[str, float]:
     """Peer id -> RTT in ms of every record's node that answers now."""
-    rtts = await asyncio.gather(*(probe_rtt(channels, r.grpc_address) for r in records))
+    rtts = await asyncio.gather(*(probe_rtt(channels, r.grpc_address, peer_id=r.peer_id) for r in records))
     return {r.peer_id: rtt for r, rtt in zip(records, rtts, strict=True) if rtt is not None}
 
 
@@ -80,7 +86,7 @@ async def discover_route(discovery: Discovery, channels: Channels, model_id: str
     """Find the stages of a model, measure their RTT now, and choose the route."""
     records = [r for r in await stage_records(discovery, model_id, model_hash) if r.peer_id not in exclude]
     chosen = route_of(records, await probe_all(channels, records), num_layers, model_id)
-    return [Hop(r.grpc_address, r.layer_start, r.layer_end) for r in chosen], chosen
+    return [Hop(r.grpc_address, r.layer_start, r.layer_end, r.peer_id) for r in chosen], chosen
 
 
 class RouteFinder:
@@ -114,6 +120,6 @@ class RouteFinder:
     async def reroute(self, failed: list[Hop]) -> list[Hop]:
         """Mark the hops that no longer answer as dead and find a route around them."""
         for hop in failed:
-            if await probe_rtt(self.channels, hop.address, timeout=1.0) is None and hop.address in self.by_address:
+            if await probe_rtt(self.channels, hop.address, 1.0, hop.peer_id) is None and hop.address in self.by_address:
                 self.dead.add(self.by_address[hop.address])
         return await self.route(wait_s=0.0)

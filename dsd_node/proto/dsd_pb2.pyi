@@ -88,14 +88,16 @@ class TreeShape(_message.Message):
     def __init__(self, branch: _Optional[int] = ..., branch_depth: _Optional[int] = ..., max_nodes: _Optional[int] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("address", "layer_start", "layer_end")
+    __slots__ = ("address", "layer_start", "layer_end", "peer_id")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
     address: str
     layer_start: int
     layer_end: int
-    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+    peer_id: str
+    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., peer_id: _Optional[str] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("session_id", "round_id", "epoch", "commits", "base", "tree", "hidden", "sampling", "route", "hop", "reply_to")

@@ -1,0 +1,61 @@
+"""Which addresses a node may dial when a message names them (a round's next hop, its reply_to).
+
+A node never connects to an address it only read in a message: the address must belong to an announced
+peer (a signed record found through discovery, and the peer id the message names, when it names one) or,
+for a node without discovery, to the addresses it was configured with (--dial-allow). Without either,
+the node dials what rounds name (the plain, wired-by-address setup), and says so at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+
+class NotAnnounced(PermissionError):
+    """An address a message named that no announced peer owns: refused before anything is dialled."""
+
+
+class Dialable:
+    """`lookup`: the (address, peer id) pairs of the announced peers (e.g. from discovery records);
+    `static`: addresses configured by hand. Both None/empty: no restriction."""
+
+    def __init__(self, lookup: Callable[[], Awaitable[list[tuple[str, str]]]] | None = None,
+                 static: list[str] | None = None, refresh_s: float = 5.0, min_gap_s: float = 1.0):
+        self.lookup, self.static = lookup, set(static or [])
+        self.refresh_s, self.min_gap_s = refresh_s, min_gap_s
+        self._owners: dict[str, set[str]] = {}
+        self._at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    @property
+    def restricted(self) -> bool:
+        return self.lookup is not None or bool(self.static)
+
+    async def _refresh(self, force: bool) -> None:
+        async with self._lock:
+            age = time.monotonic() - self._at
+            if age < self.min_gap_s or (not force and age < self.refresh_s):
+                return
+            owners: dict[str, set[str]] = {}
+            for address, peer in await self.lookup():
+                owners.setdefault(address, set()).add(peer)
+            self._owners, self._at = owners, time.monotonic()
+
+    async def check(self, address: str, peer_id: str = "", what: str = "address") -> None:
+        """NotAnnounced unless `address` (owned by `peer_id`, when given) may be dialled."""
+        if not self.restricted or address in self.static:
+            return
+        if self.lookup is not None:
+            await self._refresh(force=False)
+            if not self._known(address, peer_id):
+                await self._refresh(force=True)  # a peer announced since the last look
+            if self._known(address, peer_id):
+                return
+        owner = f" of peer {peer_id}" if peer_id else ""
+        raise NotAnnounced(f"{what} {address}{owner} is not an announced peer: refused, not dialled")
+
+    def _known(self, address: str, peer_id: str) -> bool:
+        owners = self._owners.get(address, set())
+        return bool(owners) and (not peer_id or peer_id in owners)
