@@ -12,12 +12,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import grpc
-
 from dsd_node.engine.config import GenerationConfig, Stats
 from dsd_node.engine.local import LocalEngine
 from dsd_node.net.client import ClientError, ClientResult, DsdClient, parse_gateway_address
 from dsd_node.net.grpc_util import Channels, query_info
+from dsd_node.net.tls import Membership, NodeTls, read_swarm_key
 from dsd_node.ops.bench import register as register_bench
 from dsd_node.ops.compose import specs_from_compose
 from dsd_node.ops.generation_flags import (
@@ -27,7 +26,7 @@ from dsd_node.ops.generation_flags import (
     generation_config,
     node_compute_args,
 )
-from dsd_node.ops.testnet import Testnet, plan, plan_discovery
+from dsd_node.ops.testnet import Testnet, Trust, plan, plan_discovery
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -104,21 +103,26 @@ def _print_stats(st: Stats | None) -> None:
 def cmd_testnet(args: argparse.Namespace) -> int:
     wired = args.no_discovery or args.link_delay_ms > 0 or args.colocate
     key_dir = Path(tempfile.mkdtemp(prefix="dsd-keys-"))  # removed with the testnet (the nodes' keys)
+    if args.private:
+        trust = Trust.private(key_dir, args.api_key)
+    else:
+        trust = Trust(tls=args.secure, api_key=args.api_key)
     if args.from_file:
         specs = specs_from_compose(Path(args.from_file), threads=args.threads, workdir=key_dir)  # its own devices
         wired = False
         what = f"every service of {args.from_file} as a local process ({', '.join(s.name for s in specs)})"
     elif wired:
         specs = plan(args.stages, args.model, args.drafter, threads=args.threads, link_delay_ms=args.link_delay_ms,
-                     colocate=args.colocate, extra=node_compute_args(args))
+                     colocate=args.colocate, extra=node_compute_args(args), trust=trust, key_dir=key_dir)
         what = f"{args.stages} stages + drafter + head, wired by address"
     else:
         specs = plan_discovery(args.stages, args.replicas, args.model, args.drafter, threads=args.threads,
-                               extra=node_compute_args(args), key_dir=key_dir)
+                               extra=node_compute_args(args), key_dir=key_dir, trust=trust)
         what = (f"bootstrap + {args.stages} shards x {args.replicas} replicas + drafter + head, "
                 "found through libp2p discovery")
     net = Testnet(specs, log_dir=args.log_dir, temp_dirs=[key_dir])
     print(f"starting testnet: {what} (logs in {net.log_dir})", file=sys.stderr)
+    print(f"security: {trust.describe() if not args.from_file else 'as the compose file says'}", file=sys.stderr)
 
     async def body() -> int:
         try:
@@ -131,8 +135,13 @@ def cmd_testnet(args: argparse.Namespace) -> int:
                                 for s in sorted(specs, key=lambda s: s.name != "head") if "--layers" in s.args)
         else:
             head = next(s for s in specs if s.address == net.gateway)
-            async with grpc.aio.insecure_channel(net.gateway) as ch:
-                hops = (await query_info(ch)).route
+            from dsd_node.p2p.identity import Identity  # lazy: libp2p is slow to import
+
+            channels = Channels(NodeTls.create(Identity.generate()) if trust.tls else None)
+            try:
+                hops = (await query_info(await channels.get(net.gateway))).route
+            finally:
+                await channels.close()
             route = " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in hops)
             boot = head.args[head.args.index("--bootstrap") + 1]
             print(f"bootstrap: {boot}\n  see the network: dsd route --bootstrap {boot}", file=sys.stderr)
@@ -141,9 +150,12 @@ def cmd_testnet(args: argparse.Namespace) -> int:
             print(f"links: userspace link emulator, {args.link_delay_ms:g} ms one-way into every node "
                   "(this kernel has no netem qdisc; see netem/)", file=sys.stderr)
         print(f"gateway: {net.gateway}", file=sys.stderr)
+        if trust.swarm_key:
+            print(f"swarm key: {trust.swarm_key} (removed with the testnet)", file=sys.stderr)
         if args.generate is not None:
-            return await _generate_remote(net.gateway, args.generate, generation_config(args), args.json)
-        print(f"try: dsd generate --gateway {net.gateway} \"def fibonacci(n):\"   (Ctrl-C stops the testnet)",
+            return await _generate_remote(net.gateway, args.generate, generation_config(args), args.json, trust.api_key)
+        key = f" --api-key {trust.api_key}" if trust.api_key else ""
+        print(f"try: dsd generate --gateway {net.gateway}{key} \"def fibonacci(n):\"   (Ctrl-C stops the testnet)",
               file=sys.stderr)
         while True:
             await asyncio.sleep(1)
@@ -184,8 +196,14 @@ def cmd_route(args: argparse.Namespace) -> int:
         from dsd_node.p2p.routing import RouteError, format_route_table
 
         logging.disable(logging.ERROR)  # py-libp2p logs every failed dial of a dead peer: expected here
-        d = Discovery(Identity.generate(), bootstrap=args.bootstrap)
-        channels = Channels()
+        try:
+            membership = Membership(read_swarm_key(args.swarm_key) if args.swarm_key else None)
+        except ValueError as e:
+            print(f"dsd: {e}", file=sys.stderr)
+            return 2
+        me = Identity.generate()
+        d = Discovery(me, bootstrap=args.bootstrap, swarm_key=membership.swarm_key)
+        channels = Channels(NodeTls.create(me, membership), plaintext_fallback=True)
         try:
             await d.start()
             found = {}
@@ -242,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--link-delay-ms", type=float, default=0.0,
                     help="one-way delay added to every link into a node (userspace link emulator)")
     up.add_argument("--colocate", action="store_true", help="run the head and drafter inside the first stage's process")
+    up.add_argument("--secure", action="store_true",
+                    help="TLS links bound to each node's identity (default for a local testnet: --insecure plain text)")
+    up.add_argument("--private", action="store_true",
+                    help="a private authenticated swarm: TLS, a fresh swarm key and a gateway API key")
+    up.add_argument("--api-key", dest="api_key", default=None, help="the gateway's API key (--private: a fresh one)")
     up.add_argument("--log-dir", default=None, help="where node logs go (default: a temporary folder)")
     up.add_argument("--generate", metavar="PROMPT", help="run one generation through the testnet, then stop it")
     add_generation_flags(up)
@@ -253,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR",
                    help="bootstrap peer, e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo... (repeatable)")
     r.add_argument("--model", default="embedded:target", help="model id the stages announce (default embedded:target)")
+    r.add_argument("--swarm-key", dest="swarm_key", metavar="FILE", help="a private swarm's key (its records need it)")
     r.set_defaults(func=cmd_route)
 
     register_bench(sub)

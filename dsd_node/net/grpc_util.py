@@ -4,6 +4,7 @@ factory, the health wait and the Info call."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 import grpc
@@ -37,8 +38,10 @@ class Channels:
     (--insecure). `get` raises TlsIdentityError for a peer that fails the check, OSError for one that
     does not answer."""
 
-    def __init__(self, tls: NodeTls | None = None, membership: Membership | None = None):
-        self.tls = tls
+    def __init__(self, tls: NodeTls | None = None, membership: Membership | None = None,
+                 plaintext_fallback: bool = False):
+        """plaintext_fallback (tools such as `dsd route`): a node that does not speak TLS is reached in plain text."""
+        self.tls, self.plaintext_fallback = tls, plaintext_fallback
         self.membership = membership or (tls.membership if tls else Membership())
         self._channels: dict[str, tuple[grpc.aio.Channel, str]] = {}  # address -> (channel, proven peer id)
         self._closing: set[asyncio.Future] = set()
@@ -52,7 +55,12 @@ class Channels:
         else:
             if hit is not None:  # another identity is expected there now: read the certificate again
                 self.forget(address)
-            ch, peer = await pinned_channel(address, self.tls, self.membership, GRPC_OPTIONS, peer_id)
+            try:
+                ch, peer = await pinned_channel(address, self.tls, self.membership, GRPC_OPTIONS, peer_id)
+            except ssl.SSLError:
+                if not self.plaintext_fallback:
+                    raise
+                ch, peer = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS), ""
         self._channels[address] = (ch, peer)
         return ch
 

@@ -32,6 +32,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import msgpack
@@ -40,7 +41,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from dsd_node.p2p.identity import Identity, peer_id_from_public_key, verify_signature
+if TYPE_CHECKING:
+    from dsd_node.p2p.identity import Identity
 
 log = logging.getLogger("dsd.tls")
 
@@ -166,6 +168,8 @@ class NodeTls:
 
 def peer_of_certificate(der: bytes, membership: Membership) -> str:
     """The peer id a certificate proves (binding signature, swarm HMAC, allowlist); TlsIdentityError if none."""
+    from dsd_node.p2p.identity import peer_id_from_public_key, verify_signature  # lazy: libp2p is slow to import
+
     try:
         cert = x509.load_der_x509_certificate(der)
         spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -252,6 +256,8 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
 
     def peer_of(self, metadata) -> str:
         """The peer id a call's metadata proves; AuthError if it proves none (or a non-member)."""
+        from dsd_node.p2p.identity import peer_id_from_public_key, verify_signature
+
         assert self.tls is not None
         tok = next((v for k, v in metadata or () if k == PEER_METADATA), None)
         if not tok:

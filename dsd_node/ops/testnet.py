@@ -173,7 +173,7 @@ class Testnet:
         self.temp_dirs = [Path(d) for d in temp_dirs or []] + ([] if log_dir else [self.log_dir])
         self.quiet = quiet
         # TLS health checks unless every node is --insecure (tls=None: read it from the specs)
-        self.tls = tls if tls is not None else not all("--insecure" in s.args for s in specs if s.health == "grpc")
+        self.tls = tls if tls is not None else not all(_insecure(s) for s in specs if s.health == "grpc")
         self.procs: dict[str, subprocess.Popen] = {}
 
     @property
@@ -208,7 +208,7 @@ class Testnet:
                     if spec.health == "tcp":
                         await _wait_tcp(spec.address)
                     else:
-                        await wait_healthy(spec.address, timeout=2, tls=self.tls and "--insecure" not in spec.args)
+                        await wait_healthy(spec.address, timeout=2, tls=self.tls and not _insecure(spec))
                     break
                 except TimeoutError:
                     if time.monotonic() > deadline:
@@ -251,6 +251,12 @@ class Testnet:
     async def __aexit__(self, *exc) -> None:
         self.down()
         self.remove_temp_dirs()
+
+
+def _insecure(spec: NodeSpec) -> bool:
+    """Whether the node runs with plain-text links (--insecure, or DSD_INSECURE in its environment or ours)."""
+    env = spec.env.get("DSD_INSECURE", os.environ.get("DSD_INSECURE", ""))
+    return "--insecure" in spec.args or env.lower() in ("1", "true", "yes", "on")
 
 
 async def _wait_tcp(address: str, timeout: float = 2.0) -> None:
