@@ -236,3 +236,21 @@ async def test_rounds_naming_unannounced_addresses_are_refused_and_nothing_is_di
         await channels.close()
         listener.close()
     await greedy_ok(private_net, reference, tokenizer)
+
+
+@pytest.mark.extended
+def test_testnet_up_private_starts_an_authenticated_private_swarm(reference, tokenizer):
+    """`dsd testnet up --private` (discovery: bootstrap, stages, drafter, head; swarm key and API key made for it)
+    says what it is and serves HF greedy through TLS links."""
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "dsd_node.cli", "testnet", "up", "--stages", "2", "--private",
+                        "--generate", PROMPTS[0], "--max-new-tokens", "16", "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "security: TLS, mutually authenticated (libp2p peer ids); private swarm (swarm key); gateway needs an API " \
+           "key" in p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["tokens"] == hf_greedy(reference, tokenizer(PROMPTS[0])["input_ids"], 16, tokenizer.eos_token_id)

@@ -82,6 +82,10 @@ from dsd_node.proto import dsd_pb2_grpc as rpc
 log = logging.getLogger("dsd.node")
 
 
+# bootstrap/identity.key: committed so that the compose file can name its peer id; anyone can read it
+COMPOSE_TESTNET_BOOTSTRAP_PEER_ID = "12D3KooWBKsYXnuV42qpuq1enoJVXKc3KGMuCNizgzjQjks29XsK"
+
+
 class NodeStartError(RuntimeError):
     """The node cannot start or go on: printed as one line, exit code 2."""
 
@@ -165,6 +169,10 @@ class Node:
                   "use only on a trusted local network", file=sys.stderr, flush=True)
         else:
             identity = load_or_create_identity(self.identity_path)
+            if identity.peer_id == COMPOSE_TESTNET_BOOTSTRAP_PEER_ID:
+                raise ValueError(f"{self.identity_path} is the compose testnet's committed bootstrap key, public in the "
+                                 "repository: a real deployment makes its own (point --identity at a new file), "
+                                 "only an --insecure testnet may use it")
             self.tls = NodeTls.create(identity, self.membership)
             self.policy.tls = self.tls
             self.channels = Channels(self.tls)
