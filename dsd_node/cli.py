@@ -224,6 +224,10 @@ def cmd_route(args: argparse.Namespace) -> int:
                 print(problem)
                 return 1
             print("route: " + " -> ".join(f"{h.grpc_address}[{h.layer_start}:{h.layer_end}]" for h in hops))
+            for r in records:  # the heads' output verification: whom they banned
+                if r.role == "head" and r.peer_id in rtt:
+                    for ban in (await query_info(await channels.get(r.grpc_address, r.peer_id))).banned:
+                        print(f"banned by head {r.peer_id}: {ban}")
             return 0
         except DiscoveryError as e:
             print(f"dsd: {e}", file=sys.stderr)

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dial-allow", dest="dial_allow", action="append",
                     help="node without discovery: addresses a round may name as next hop or reply_to (repeatable; "
                          "default: any)")
+    ap.add_argument("--verify-fraction", dest="verify_fraction", type=float,
+                    help="head with discovery: share of rounds re-run on independent replicas of the same layers, "
+                         "besides the first round on a peer not yet vouched for; a peer that disagrees with the "
+                         "majority is banned (default 0.05; 0: no verification)")
     ap.add_argument("--print-peer-id", dest="print_peer_id", action="store_true", help="print the peer id and exit")
     ap.add_argument("--config", help="YAML config file")
     ap.add_argument("--log-level", dest="log_level", help="debug, info, warning (default info)")

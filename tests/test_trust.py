@@ -23,7 +23,7 @@ from dsd_node.engine.config import GenerationConfig
 from dsd_node.engine.messages import Hop, RoundMsg
 from dsd_node.engine.tree import TokenTree
 from dsd_node.net.client import ClientError, DsdClient
-from dsd_node.net.grpc_util import Channels, query_info
+from dsd_node.net.grpc_util import Channels, query_info, wait_healthy
 from dsd_node.net.tls import (
     CERT_DOMAIN,
     EXTENSION_OID,
@@ -37,8 +37,8 @@ from dsd_node.net.tls import (
     read_swarm_key,
 )
 from dsd_node.net.wire import round_to_pb
-from dsd_node.ops.testnet import Testnet, Trust, plan
-from dsd_node.p2p.identity import Identity
+from dsd_node.ops.testnet import Testnet, Trust, free_port, plan, plan_discovery
+from dsd_node.p2p.identity import Identity, load_or_create_identity
 from dsd_node.p2p.records import NodeRecord, RecordError, decode_signed, sign_record
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
@@ -254,3 +254,48 @@ def test_testnet_up_private_starts_an_authenticated_private_swarm(reference, tok
            "key" in p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["tokens"] == hf_greedy(reference, tokenizer(PROMPTS[0])["input_ids"], 16, tokenizer.eos_token_id)
+
+
+@pytest.mark.extended
+async def test_a_rogue_stage_is_caught_banned_and_the_output_stays_hf_greedy(reference, tokenizer, tmp_path):
+    """Two honest replicas of the whole model and a rogue one (biased logits, announcing 1e9 tokens/s, so routing
+    picks it) joining through discovery; with verification on, the client gets HF greedy and `dsd route` shows
+    the ban."""
+    import subprocess
+    import sys
+
+    specs = plan_discovery(1, replicas=2, key_dir=tmp_path, trust=Trust(tls=True),
+                           extra=["--round-timeout", "20", "--verify-fraction", "1.0"])
+    honest = next(s for s in specs if s.name == "stage0r0")
+    rogue_addr = f"127.0.0.1:{free_port()}"
+    args = list(honest.args)
+    args[args.index("--listen") + 1] = rogue_addr
+    args[args.index("--identity") + 1] = str(tmp_path / "rogue.key")
+    args[args.index("--listen-p2p") + 1] = f"/ip4/127.0.0.1/tcp/{free_port()}"
+    boot = Testnet(specs[:1], log_dir=tmp_path / "logs")
+    net = Testnet(specs[1:], log_dir=tmp_path / "logs")
+    hack = tokenizer(" HACKED")["input_ids"][-1]
+    (tmp_path / "logs").mkdir()
+    log = open(tmp_path / "logs" / "rogue.log", "w")  # noqa: SIM115 (owned by the child)
+    try:
+        await boot.up()  # the rogue joins first, so the head's route can go through it (it claims 1e9 tokens/s)
+        net.procs["rogue"] = subprocess.Popen([sys.executable, str(Path(__file__).with_name("rogue_stage.py")),
+                                               str(hack), *args], stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True)
+        await wait_healthy(rogue_addr, 120, tls=True)
+        await net.up(timeout_s=300)
+        async with DsdClient(net.gateway) as c:
+            for prompt in PROMPTS[:3]:
+                r = await c.generate(prompt, GenerationConfig(mode="si", max_new_tokens=24))
+                assert r.tokens == hf_greedy(reference, tokenizer(prompt)["input_ids"], 24, tokenizer.eos_token_id)
+        rogue_id = load_or_create_identity(tmp_path / "rogue.key")
+        head = next(s for s in specs if s.name == "head")
+        boot = head.args[head.args.index("--bootstrap") + 1]
+        route = subprocess.run([sys.executable, "-m", "dsd_node.cli", "route", "--bootstrap", boot],
+                               capture_output=True, text=True, timeout=120)
+        assert f": {rogue_id.peer_id}: its layers 0:8" in route.stdout, route.stdout + route.stderr
+        assert "banned by head" in route.stdout
+    finally:
+        net.down()
+        boot.down()
+        log.close()

@@ -54,6 +54,7 @@ class NodeConfig:
     allow_peers: str | None = None  # file with the peer ids allowed to take part, one a line
     api_key: str | None = None  # clients must send it (metadata dsd-api-key) to call Generate
     dial_allow: list[str] = field(default_factory=list)  # without discovery: the addresses messages may name
+    verify_fraction: float = 0.05  # head with discovery: share of rounds re-run on independent replicas
 
     @property
     def roles(self) -> list[str]:
@@ -70,6 +71,8 @@ class NodeConfig:
         for name in ("threads", "max_sessions", "max_message_mb", "max_inflight", "max_kv_mb", "max_mem_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} cannot be negative")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ConfigError(f"verify_fraction must be between 0 and 1, got {self.verify_fraction}")
         if self.max_sessions < 1 or self.max_message_mb < 1:
             raise ConfigError("max_sessions and max_message_mb must be at least 1")
         if ":" not in self.listen:

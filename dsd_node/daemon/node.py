@@ -55,6 +55,7 @@ from dsd_node.engine.shard_runner import ShardRunner
 from dsd_node.engine.stage import StageHandler
 from dsd_node.engine.tree import TokenTree
 from dsd_node.engine.verify import low_importance_mask
+from dsd_node.net.audit import Auditor
 from dsd_node.net.dialable import Dialable
 from dsd_node.net.gateway import GatewayConfig, GatewayService
 from dsd_node.net.grpc_util import Channels, make_server, query_info
@@ -280,7 +281,12 @@ class Node:
                         version=__version__, sessions=sessions, max_sessions=self.cfg.max_sessions,
                         peer_id=self.peer_id, address=self.address,
                         tokens_per_s=self.tokens_per_s, dtype=str(sh.dtype).removeprefix("torch.") if sh else "",
-                        route=self.gateway.route if self.gateway else [])
+                        route=self.gateway.route if self.gateway else [],
+                        banned=[f"{p}: {why}" for p, why in auditor.banned.items()] if (auditor := self.auditor) else [])
+
+    @property
+    def auditor(self) -> Auditor | None:
+        return self.gateway.cfg.auditor if self.gateway is not None and self.gateway.cfg is not None else None
 
     async def join(self) -> None:
         cfg = self.cfg
@@ -344,7 +350,7 @@ class Node:
             drafter = LocalDraftSource(self.drafter)
         else:
             drafter = None
-        reroute = None
+        reroute = auditor = None
         if cfg.route:
             addrs = [self.self_address if a == "self" else a for a in cfg.route_addresses]
             route = await route_from_addresses(addrs, self.channels, cfg.model, wait_s=cfg.round_timeout)
@@ -353,10 +359,22 @@ class Node:
                                  say=lambda m: print(f"dsd-node: {m}", flush=True))
             route = await finder.route(wait_s=cfg.route_wait)
             reroute = finder.reroute
+            auditor = self.make_auditor(finder)
         else:
             raise NodeStartError("head needs --route ADDR,ADDR,... (stage addresses, first stage first) or --bootstrap")
         return GatewayConfig(route, tok, drafter, cfg.max_inflight, cfg.round_timeout, reroute,
-                             max_positions(load_config(cfg.model)))
+                             max_positions(load_config(cfg.model)), auditor)
+
+    def make_auditor(self, finder: RouteFinder) -> Auditor:
+        """Output verification against the announced replicas (looked up at most every 5 s)."""
+        cache: list = [0.0, []]
+
+        async def replicas() -> list[NodeRecord]:
+            if time.monotonic() - cache[0] > 5.0:
+                cache[:] = [time.monotonic(), await stage_records(self.discovery, self.cfg.model, self.model_hash)]
+            return cache[1]
+
+        return Auditor(replicas, self.gateway.replay, self.cfg.verify_fraction, on_ban=finder.dead.add)
 
     async def serve(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -18,8 +18,10 @@ import grpc
 
 from dsd_node.engine.config import ErrorCode, GenerationConfig, GenerationError, Stats
 from dsd_node.engine.head import DraftSource, Head
-from dsd_node.engine.messages import Hop
+from dsd_node.engine.messages import Hop, RoundMsg
 from dsd_node.engine.models import check_context
+from dsd_node.engine.tree import TokenTree
+from dsd_node.net.audit import Auditor, IntegrityError
 from dsd_node.net.grpc_util import Channels
 from dsd_node.net.pipeline_client import GrpcPipeline
 from dsd_node.net.tls import AccessPolicy, AuthError, TlsIdentityError
@@ -42,6 +44,7 @@ class GatewayConfig:
     round_timeout_s: float = 60.0
     reroute: Callable[[list[Hop]], Awaitable[list[Hop]]] | None = None  # failover (with discovery)
     max_positions: int | None = None  # the target's context: prompt + max_new_tokens must fit
+    auditor: Auditor | None = None  # verified outputs: re-runs a sample of rounds on independent replicas
 
 
 class GatewayService(rpc.GatewayServicer):
@@ -81,10 +84,18 @@ class GatewayService(rpc.GatewayServicer):
         stats = Stats(gcfg.mode)
         sent = 0  # characters of text streamed so far
 
+        streamed: list[int] = []  # tokens sent to the client (what a session cut short by verification resumes from)
+
         async def emit(new: list[int], head: Head) -> None:
-            """Stream newly committed tokens with the text they add (decoded in context, so merges stay right)."""
+            """Stream newly committed tokens with the text they add (decoded in context, so merges stay right);
+            with an auditor, a sampled round is verified first (IntegrityError: its tokens are never sent)."""
             nonlocal sent
-            text = tok.decode(prior + head.trimmed())
+            out = head.trimmed()
+            auditor = self.cfg.auditor
+            if auditor is not None and auditor.should_check(self.cfg.route, len(out) == len(new), gcfg.sampling):
+                await auditor.check(self.cfg.route, ids + prior + out[: len(out) - len(new)], new, gcfg.sampling)
+            streamed.extend(new)
+            text = tok.decode(prior + out)
             await context.write(pb.GenerateEvent(tokens=new, text=text[sent:]))
             sent = len(text)
 
@@ -94,6 +105,8 @@ class GatewayService(rpc.GatewayServicer):
             if head is not None:
                 stats.add(head.stats)
                 prior += head.trimmed()
+            if isinstance(failure, IntegrityError):
+                prior = list(streamed)  # regenerate from the last verified text
             if failure is None or len(prior) >= gcfg.max_new_tokens or (
                     head is not None and head.eos is not None and head.eos in prior):
                 break
@@ -137,6 +150,28 @@ class GatewayService(rpc.GatewayServicer):
             if end is not None:
                 await end(sid)
         return head, failure
+
+    async def replay(self, route: list[Hop], context: list[int], tokens: list[int], sampling) -> list[int]:
+        """The tokens `route` commits when `tokens` are drafted after `context` (one round, a prefill): the
+        auditor's independent opinion on a round."""
+        sid = uuid.uuid4().hex
+        verdicts: asyncio.Queue = asyncio.Queue()
+        self.sessions[sid], self.last_stage[sid] = verdicts, route[-1].peer_id
+        pipe = None
+        try:
+            channel = await self.channels.get(route[0].address, route[0].peer_id or None)
+            pipe = GrpcPipeline(sid, route, self.address, channel, verdicts, self.cfg.round_timeout_s)
+            tree = TokenTree.chain(context + tokens[:-1], n_given=len(context))
+            await pipe.send(RoundMsg(sid, 0, 0, tree=tree, sampling=sampling))
+            return (await pipe.recv()).tokens
+        except (OSError, GenerationError) as e:  # an unreachable replica gives no opinion
+            log.warning("verification replay on %s failed: %s", route[0].address, e)
+            return []
+        finally:
+            self.sessions.pop(sid, None)
+            self.last_stage.pop(sid, None)
+            if pipe is not None:
+                await pipe.close()
 
     async def Verdicts(self, request_iterator, context):
         try:

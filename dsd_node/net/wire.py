@@ -196,13 +196,16 @@ class NodeInfo:
     tokens_per_s: float = 0.0
     dtype: str = ""
     route: list[Hop] = field(default_factory=list)
+    banned: list[str] = field(default_factory=list)  # a head: "peer id: why" (output verification)
 
 
 def node_info_to_pb(i: NodeInfo) -> pb.NodeInfo:
-    return pb.NodeInfo(**{f.name: getattr(i, f.name) for f in fields(NodeInfo) if f.name != "route"},
+    return pb.NodeInfo(**{f.name: getattr(i, f.name) for f in fields(NodeInfo) if f.name not in ("route", "banned")},
+                       banned=list(i.banned),
                        route=[hop_to_pb(h) for h in i.route])
 
 
 def node_info_from_pb(m: pb.NodeInfo) -> NodeInfo:
-    return NodeInfo(**{f.name: getattr(m, f.name) for f in fields(NodeInfo) if f.name != "route"},
+    return NodeInfo(**{f.name: getattr(m, f.name) for f in fields(NodeInfo) if f.name not in ("route", "banned")},
+                    banned=list(m.banned),
                     route=[hop_from_pb(h) for h in m.route])

@@ -192,7 +192,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("role", "model", "model_hash", "layer_start", "layer_end", "num_layers", "version", "sessions", "max_sessions", "peer_id", "address", "tokens_per_s", "dtype", "route")
+    __slots__ = ("role", "model", "model_hash", "layer_start", "layer_end", "num_layers", "version", "sessions", "max_sessions", "peer_id", "address", "tokens_per_s", "dtype", "route", "banned")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,7 @@ class NodeInfo(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    BANNED_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     model_hash: str
@@ -221,7 +222,8 @@ class NodeInfo(_message.Message):
     tokens_per_s: float
     dtype: str
     route: _containers.RepeatedCompositeFieldContainer[Hop]
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., dtype: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+    banned: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., dtype: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., banned: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "prompt_tokens", "mode", "max_new_tokens", "draft_k", "sampling", "max_inflight", "ignore_eos", "tree")
