@@ -28,6 +28,15 @@ class Dialable:
         self._owners: dict[str, set[str]] = {}
         self._at = float("-inf")
         self._lock = asyncio.Lock()
+        self._background: asyncio.Future | None = None
+
+    async def _refresh_later(self) -> None:
+        try:
+            await self._refresh(force=False)
+        except Exception:  # the next check tries again
+            pass
+        finally:
+            self._background = None
 
     @property
     def restricted(self) -> bool:
@@ -48,9 +57,11 @@ class Dialable:
         if not self.restricted or address in self.static:
             return
         if self.lookup is not None:
-            await self._refresh(force=False)
-            if not self._known(address, peer_id):
-                await self._refresh(force=True)  # a peer announced since the last look
+            if self._known(address, peer_id):
+                if time.monotonic() - self._at > self.refresh_s and self._background is None:
+                    self._background = asyncio.ensure_future(self._refresh_later())  # not on the round's path
+                return
+            await self._refresh(force=True)  # a peer announced since the last look
             if self._known(address, peer_id):
                 return
         owner = f" of peer {peer_id}" if peer_id else ""
