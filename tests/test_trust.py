@@ -290,8 +290,8 @@ async def test_a_rogue_stage_is_caught_banned_and_the_output_stays_hf_greedy(ref
                 assert r.tokens == hf_greedy(reference, tokenizer(prompt)["input_ids"], 24, tokenizer.eos_token_id)
         rogue_id = load_or_create_identity(tmp_path / "rogue.key")
         head = next(s for s in specs if s.name == "head")
-        boot = head.args[head.args.index("--bootstrap") + 1]
-        route = subprocess.run([sys.executable, "-m", "dsd_node.cli", "route", "--bootstrap", boot],
+        multiaddr = head.args[head.args.index("--bootstrap") + 1]
+        route = subprocess.run([sys.executable, "-m", "dsd_node.cli", "route", "--bootstrap", multiaddr],
                                capture_output=True, text=True, timeout=120)
         assert f": {rogue_id.peer_id}: its layers 0:8" in route.stdout, route.stdout + route.stderr
         assert "banned by head" in route.stdout
