@@ -76,10 +76,13 @@ async def peer_ids(net, channels: Channels) -> list[str]:
 
 async def forward_error(channel: grpc.aio.Channel, msg) -> grpc.aio.AioRpcError:
     """The status a stage's Forward stream ends with after one round (the stream stays open, as a head's does)."""
-    call = rpc.StageStub(channel).Forward()
+    async def requests():
+        yield msg
+        await asyncio.sleep(60)  # the stream stays open (a stage that is refused ends it at once)
+
+    call = rpc.StageStub(channel).Forward(requests())  # an iterator: a refused write cannot mask the status
 
     async def run() -> None:
-        await call.write(msg)
         async for _ in call:
             pass
 
