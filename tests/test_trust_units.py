@@ -86,15 +86,17 @@ def test_call_tokens_are_bound_to_the_called_node_and_expire(tmp_path):
 
 async def test_only_announced_addresses_may_be_dialled():
     async def lookup():
-        return [("10.0.0.1:6000", "peerA")]
+        return [("10.0.0.1:6000", "peerA", time.time() + 60), ("10.0.0.2:6000", "gone", time.time() - 1)]
 
-    d = Dialable(lookup)
+    d = Dialable(lookup, min_gap_s=0.01)
     await d.check("10.0.0.1:6000", "peerA")
     await d.check("10.0.0.1:6000")
     with pytest.raises(NotAnnounced, match="of peer peerB is not an announced peer"):
         await d.check("10.0.0.1:6000", "peerB")
     with pytest.raises(NotAnnounced, match="reply_to 10.9.9.9:1 is not an announced peer: refused, not dialled"):
         await d.check("10.9.9.9:1", what="reply_to")
+    with pytest.raises(NotAnnounced):
+        await d.check("10.0.0.2:6000")  # its record expired
     await Dialable(static=["1.2.3.4:5"]).check("1.2.3.4:5")
     with pytest.raises(NotAnnounced):
         await Dialable(static=["1.2.3.4:5"]).check("1.2.3.4:6")

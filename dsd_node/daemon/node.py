@@ -263,9 +263,9 @@ class Node:
     def dialable_peers(self) -> Dialable:
         """Where rounds may send this stage: announced peers (discovery), else --dial-allow, else anywhere."""
         if self.discovery is not None:
-            async def announced() -> list[tuple[str, str]]:
-                return [(r.grpc_address, r.peer_id) for r in await self.discovery.find(self.cfg.model,
-                                                                                     expected_model_hash=self.model_hash)]
+            async def announced() -> list[tuple[str, str, float]]:
+                return [(r.grpc_address, r.peer_id, r.expires_at)
+                        for r in await self.discovery.find(self.cfg.model, expected_model_hash=self.model_hash)]
             return Dialable(announced)
         if not self.cfg.dial_allow:
             print("dsd-node: note: no discovery and no --dial-allow: this stage dials the next hop and reply_to "

@@ -18,14 +18,15 @@ class NotAnnounced(PermissionError):
 
 
 class Dialable:
-    """`lookup`: the (address, peer id) pairs of the announced peers (e.g. from discovery records);
+    """`lookup`: (address, peer id, expires_at) of the announced peers (e.g. from discovery records); what it
+    found stays known until its record expires (a DHT lookup may miss records a previous one found);
     `static`: addresses configured by hand. Both None/empty: no restriction."""
 
-    def __init__(self, lookup: Callable[[], Awaitable[list[tuple[str, str]]]] | None = None,
+    def __init__(self, lookup: Callable[[], Awaitable[list[tuple[str, str, float]]]] | None = None,
                  static: list[str] | None = None, refresh_s: float = 5.0, min_gap_s: float = 1.0):
         self.lookup, self.static = lookup, set(static or [])
         self.refresh_s, self.min_gap_s = refresh_s, min_gap_s
-        self._owners: dict[str, set[str]] = {}
+        self._owners: dict[str, dict[str, float]] = {}  # address -> peer id -> record expiry (time.time())
         self._at = float("-inf")
         self._lock = asyncio.Lock()
         self._background: asyncio.Future | None = None
@@ -47,10 +48,11 @@ class Dialable:
             age = time.monotonic() - self._at
             if age < self.min_gap_s or (not force and age < self.refresh_s):
                 return
-            owners: dict[str, set[str]] = {}
-            for address, peer in await self.lookup():
-                owners.setdefault(address, set()).add(peer)
-            self._owners, self._at = owners, time.monotonic()
+            now = time.time()
+            owners = {a: {p: t for p, t in ps.items() if t > now} for a, ps in self._owners.items()}
+            for address, peer, expires in await self.lookup():
+                owners.setdefault(address, {})[peer] = max(expires, owners.get(address, {}).get(peer, 0.0))
+            self._owners, self._at = {a: ps for a, ps in owners.items() if ps}, time.monotonic()
 
     async def check(self, address: str, peer_id: str = "", what: str = "address") -> None:
         """NotAnnounced unless `address` (owned by `peer_id`, when given) may be dialled."""
@@ -61,12 +63,15 @@ class Dialable:
                 if time.monotonic() - self._at > self.refresh_s and self._background is None:
                     self._background = asyncio.ensure_future(self._refresh_later())  # not on the round's path
                 return
-            await self._refresh(force=True)  # a peer announced since the last look
-            if self._known(address, peer_id):
-                return
+            for _ in range(3):  # a peer announced since the last look (or the DHT missed its record)
+                await self._refresh(force=True)
+                if self._known(address, peer_id):
+                    return
+                await asyncio.sleep(self.min_gap_s)
         owner = f" of peer {peer_id}" if peer_id else ""
         raise NotAnnounced(f"{what} {address}{owner} is not an announced peer: refused, not dialled")
 
     def _known(self, address: str, peer_id: str) -> bool:
-        owners = self._owners.get(address, set())
+        now = time.time()
+        owners = {p for p, t in self._owners.get(address, {}).items() if t > now}
         return bool(owners) and (not peer_id or peer_id in owners)
