@@ -266,7 +266,9 @@ class Node:
             async def announced() -> list[tuple[str, str, float]]:
                 return [(r.grpc_address, r.peer_id, r.expires_at)
                         for r in await self.discovery.find(self.cfg.model, expected_model_hash=self.model_hash)]
-            return Dialable(announced)
+            dialable = Dialable(announced)
+            self.tasks.append(asyncio.create_task(dialable.keep_fresh()))  # known before the first round needs it
+            return dialable
         if not self.cfg.dial_allow:
             print("dsd-node: note: no discovery and no --dial-allow: this stage dials the next hop and reply_to "
                   "that rounds name", flush=True)

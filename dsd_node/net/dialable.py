@@ -31,6 +31,12 @@ class Dialable:
         self._lock = asyncio.Lock()
         self._background: asyncio.Future | None = None
 
+    async def keep_fresh(self) -> None:
+        """Look the announced peers up every refresh_s until cancelled, so rounds rarely wait for a lookup."""
+        while True:
+            await self._refresh_later()
+            await asyncio.sleep(self.refresh_s)
+
     async def _refresh_later(self) -> None:
         try:
             await self._refresh(force=False)
@@ -63,11 +69,9 @@ class Dialable:
                 if time.monotonic() - self._at > self.refresh_s and self._background is None:
                     self._background = asyncio.ensure_future(self._refresh_later())  # not on the round's path
                 return
-            for _ in range(3):  # a peer announced since the last look (or the DHT missed its record)
-                await self._refresh(force=True)
-                if self._known(address, peer_id):
-                    return
-                await asyncio.sleep(self.min_gap_s)
+            await self._refresh(force=True)  # a peer announced since the last look (or the DHT missed its record)
+            if self._known(address, peer_id):
+                return
         owner = f" of peer {peer_id}" if peer_id else ""
         raise NotAnnounced(f"{what} {address}{owner} is not an announced peer: refused, not dialled")
 
