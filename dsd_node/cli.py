@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -17,6 +18,7 @@ from dsd_node.engine.config import GenerationConfig, Stats
 from dsd_node.engine.local import LocalEngine
 from dsd_node.net.client import ClientError, ClientResult, DsdClient, parse_gateway_address
 from dsd_node.net.grpc_util import Channels, query_info
+from dsd_node.net.tls import Membership, NodeTls, read_swarm_key
 from dsd_node.ops.bench import register as register_bench
 from dsd_node.ops.compose import specs_from_compose
 from dsd_node.ops.generation_flags import (
@@ -26,7 +28,7 @@ from dsd_node.ops.generation_flags import (
     generation_config,
     node_compute_args,
 )
-from dsd_node.ops.testnet import Testnet, plan, plan_discovery
+from dsd_node.ops.testnet import Testnet, Trust, plan, plan_discovery
 from dsd_node.ops.testnet_console import HELP, Console
 from dsd_node.ops.testnet_console import __doc__ as CONSOLE_DOC
 
@@ -36,7 +38,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         parse_gateway_address(args.gateway)  # ValueError: one line, exit code 2, before anything else
     cfg = generation_config(args)
     if not args.local:
-        return run_main(_generate_remote(args.gateway, args.prompt, cfg, args.json))
+        return run_main(_generate_remote(args.gateway, args.prompt, cfg, args.json, _api_key(args),
+                                         args.gateway_peer_id))
     if args.mode == "dsi":
         print("note: --local runs every stage in one process, so dsi has no link latency to hide", file=sys.stderr)
     eng = LocalEngine(args.model, None if args.mode == "ar" else args.drafter, args.stages, args.dtype,
@@ -66,10 +69,15 @@ def run_main(coro) -> int:
     return asyncio.run(guarded())
 
 
-async def _generate_remote(gateway: str, prompt: str, cfg: GenerationConfig, as_json: bool) -> int:
+def _api_key(args: argparse.Namespace) -> str | None:
+    return getattr(args, "api_key", None) or os.environ.get("DSD_API_KEY") or None
+
+
+async def _generate_remote(gateway: str, prompt: str, cfg: GenerationConfig, as_json: bool,
+                           api_key: str | None = None, peer_id: str | None = None) -> int:
     res = ClientResult()
     pending = "" if as_json else prompt  # the prompt is echoed with the first text, not before a connection error
-    async with DsdClient(gateway) as c:
+    async with DsdClient(gateway, api_key=api_key, peer_id=peer_id) as c:
         try:
             async for chunk in c.stream(prompt, cfg, res):
                 if not as_json:
@@ -104,22 +112,28 @@ def cmd_testnet(args: argparse.Namespace) -> int:
         raise ValueError("--http applies to the testnet's own head; with --from, add --http to the gateway "
                          "service's dsd-node command in the compose file")
     key_dir = Path(tempfile.mkdtemp(prefix="dsd-keys-"))  # removed with the testnet (the nodes' keys)
+    if args.private:
+        trust = Trust.private(key_dir, args.api_key)
+    else:
+        trust = Trust(tls=args.secure, api_key=args.api_key)
     if args.from_file:
         specs = specs_from_compose(Path(args.from_file), threads=args.threads, workdir=key_dir)  # its own devices
         wired = False
         what = f"every service of {args.from_file} as a local process ({', '.join(s.name for s in specs)})"
     elif wired:
         specs = plan(args.stages, args.model, args.drafter, threads=args.threads, link_delay_ms=args.link_delay_ms,
-                     colocate=args.colocate, extra=node_compute_args(args), http=args.http)
+                     colocate=args.colocate, extra=node_compute_args(args), http=args.http, trust=trust,
+                     key_dir=key_dir)
         what = f"{args.stages} stages + drafter + head, wired by address"
     else:
         specs = plan_discovery(args.stages, args.replicas, args.model, args.drafter, threads=args.threads,
                                extra=node_compute_args(args), key_dir=key_dir, http=args.http,
-                               bootstraps=args.bootstraps)
+                               bootstraps=args.bootstraps, trust=trust)
         what = (f"{args.bootstraps} bootstrap(s) + {args.stages} shards x {args.replicas} replicas + drafter(s) + head, "
                 "found through libp2p discovery")
     net = Testnet(specs, log_dir=args.log_dir, temp_dirs=[key_dir])
     print(f"starting testnet: {what} (logs in {net.log_dir})", file=sys.stderr)
+    print(f"security: {trust.describe() if not args.from_file else 'as the compose file says'}", file=sys.stderr)
 
     async def body() -> int:
         try:
@@ -132,8 +146,13 @@ def cmd_testnet(args: argparse.Namespace) -> int:
                                 for s in sorted(specs, key=lambda s: s.name != "head") if "--layers" in s.args)
         else:
             head = next(s for s in specs if s.address == net.gateway)
-            async with grpc.aio.insecure_channel(net.gateway) as ch:
-                hops = (await query_info(ch)).route
+            from dsd_node.p2p.identity import Identity  # lazy: libp2p is slow to import
+
+            channels = Channels(NodeTls.create(Identity.generate()) if trust.tls else None)
+            try:
+                hops = (await query_info(await channels.get(net.gateway))).route
+            finally:
+                await channels.close()
             route = " -> ".join(f"{h.address}[{h.layer_start}:{h.layer_end}]" for h in hops)
             boot = head.args[head.args.index("--bootstrap") + 1]
             print(f"bootstrap: {boot}\n  see the network: dsd route --bootstrap {boot}", file=sys.stderr)
@@ -145,12 +164,16 @@ def cmd_testnet(args: argparse.Namespace) -> int:
         if net.http_url:
             print(f"OpenAI-compatible API: {net.http_url}   (model {args.model}; metrics: "
                   f"{net.http_url.removesuffix('/v1')}/metrics)", file=sys.stderr)
+        if trust.swarm_key:
+            print(f"swarm key: {trust.swarm_key} (removed with the testnet)", file=sys.stderr)
         if args.generate is not None:
-            return await _generate_remote(net.gateway, args.generate, generation_config(args), args.json)
-        print(f"try: dsd generate --gateway {net.gateway} \"def fibonacci(n):\"   (Ctrl-C stops the testnet)",
+            return await _generate_remote(net.gateway, args.generate, generation_config(args), args.json, trust.api_key)
+        key = f" --api-key {trust.api_key}" if trust.api_key else ""
+        print(f"try: dsd generate --gateway {net.gateway}{key} \"def fibonacci(n):\"   (Ctrl-C stops the testnet)",
               file=sys.stderr)
         if net.http_url:
-            print(f"     curl {net.http_url}/completions -H 'Content-Type: application/json' "
+            auth = f" -H 'Authorization: Bearer {trust.api_key}'" if trust.api_key else ""
+            print(f"     curl {net.http_url}/completions -H 'Content-Type: application/json'{auth} "
                   f"-d '{{\"model\": \"{args.model}\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32, "
                   f"\"temperature\": 0}}'", file=sys.stderr)
         console = Console(net)
@@ -195,8 +218,14 @@ def cmd_route(args: argparse.Namespace) -> int:
         from dsd_node.p2p.routing import RouteError, format_route_table
 
         logging.disable(logging.ERROR)  # py-libp2p logs every failed dial of a dead peer: expected here
-        d = Discovery(Identity.generate(), bootstrap=args.bootstrap)
-        channels = Channels()
+        try:
+            membership = Membership(read_swarm_key(args.swarm_key) if args.swarm_key else None)
+        except ValueError as e:
+            print(f"dsd: {e}", file=sys.stderr)
+            return 2
+        me = Identity.generate()
+        d = Discovery(me, bootstrap=args.bootstrap, swarm_key=membership.swarm_key)
+        channels = Channels(NodeTls.create(me, membership), plaintext_fallback=True)
         try:
             await d.start()
             found = {}
@@ -214,11 +243,15 @@ def cmd_route(args: argparse.Namespace) -> int:
             if records:
                 print(format_route_table(records, rtt))
             if args.gateway:
-                print(await _excluded_by(args.gateway))
+                print(await _excluded_by(channels, args.gateway))
             if problem:
                 print(problem)
                 return 1
             print("route: " + " -> ".join(f"{h.grpc_address}[{h.layer_start}:{h.layer_end}]" for h in hops))
+            for r in records:  # the heads' output verification: whom they banned
+                if r.role == "head" and r.peer_id in rtt:
+                    for ban in (await query_info(await channels.get(r.grpc_address, r.peer_id))).banned:
+                        print(f"banned by head {r.peer_id}: {ban}")
             return 0
         except DiscoveryError as e:
             print(f"dsd: {e}", file=sys.stderr)
@@ -230,17 +263,17 @@ def cmd_route(args: argparse.Namespace) -> int:
     return asyncio.run(body())
 
 
-async def _excluded_by(gateway: str) -> str:
+async def _excluded_by(channels: Channels, gateway: str) -> str:
     """The peers the head at `gateway` keeps out of its routes now, and why (from its Info reply)."""
     try:
-        async with grpc.aio.insecure_channel(gateway) as ch:
-            info = await query_info(ch, timeout=5)
-    except grpc.aio.AioRpcError as e:
-        return f"head {gateway}: no Info reply ({e.code().name})"
-    if not info.excluded:
-        return f"head {gateway}: route {' -> '.join(h.address for h in info.route) or '(none yet)'}; nobody excluded"
-    rows = [f"head {gateway} excludes:"] + [
-        f"  {e.address}  for {e.remaining_s:.0f} s more (failure {e.failures} in a row): {e.reason}" for e in info.excluded]
+        info = await query_info(await channels.get(gateway), timeout=5)
+    except (grpc.aio.AioRpcError, OSError) as e:
+        why = e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)
+        return f"head {gateway}: no Info reply ({why})"
+    rows = [f"head {gateway}: route {' -> '.join(h.address for h in info.route) or '(none yet)'}"]
+    rows += [f"  excludes {e.address} for {e.remaining_s:.0f} s more (failure {e.failures} in a row): {e.reason}"
+             for e in info.excluded] or ["  nobody excluded"]
+    rows += [f"  banned (output verification): {ban}" for ban in info.banned]
     return "\n".join(rows)
 
 
@@ -277,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--colocate", action="store_true", help="run the head and drafter inside the first stage's process")
     up.add_argument("--http", metavar="HOST:PORT",
                     help="the head also serves the OpenAI-compatible HTTP API (and /metrics) there; auto: a free port")
+    up.add_argument("--secure", action="store_true",
+                    help="TLS links bound to each node's identity (default for a local testnet: --insecure plain text)")
+    up.add_argument("--private", action="store_true",
+                    help="a private authenticated swarm: TLS, a fresh swarm key and a gateway API key")
+    up.add_argument("--api-key", dest="api_key", default=None, help="the gateway's API key (--private: a fresh one)")
     up.add_argument("--log-dir", default=None, help="where node logs go (default: a temporary folder)")
     up.add_argument("--generate", metavar="PROMPT", help="run one generation through the testnet, then stop it")
     add_generation_flags(up)
@@ -290,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="embedded:target", help="model id the stages announce (default embedded:target)")
     r.add_argument("--gateway", metavar="HOST:PORT",
                    help="also show the peers this head excludes from its routes now (backoff after failures) and why")
+    r.add_argument("--swarm-key", dest="swarm_key", metavar="FILE", help="a private swarm's key (its records need it)")
     r.set_defaults(func=cmd_route)
 
     register_bench(sub)

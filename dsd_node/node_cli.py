@@ -92,8 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--http", help="head: serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                                    "/v1/models, /metrics) on HOST:PORT, or auto (127.0.0.1, a free port)")
     ap.add_argument("--metrics", help="serve Prometheus metrics at http://HOST:PORT/metrics (auto: a free port)")
-    ap.add_argument("--api-key", dest="api_key", help="clients must present this key (HTTP: Authorization: Bearer KEY); "
-                                                      "prefer DSD_API_KEY, which ps does not show")
+    ap.add_argument("--api-key", dest="api_key", help="head: clients must present this key (HTTP: Authorization: "
+                                                      "Bearer KEY; gRPC Generate: metadata dsd-api-key); prefer "
+                                                      "DSD_API_KEY, which ps does not show")
+    ap.add_argument("--insecure", action="store_true", default=None,
+                    help="plain-text gRPC links without peer authentication (local testnets only; default: TLS "
+                         "bound to the libp2p identity, mutually authenticated)")
+    ap.add_argument("--swarm-key", dest="swarm_key", metavar="FILE",
+                    help="private swarm: shared secret file (>= 32 bytes); records, certificates and calls of "
+                         "peers without it are refused")
+    ap.add_argument("--allow-peers", dest="allow_peers", metavar="FILE",
+                    help="private swarm: only these peer ids (one a line) may call this node or be routed through")
+    ap.add_argument("--dial-allow", dest="dial_allow", action="append",
+                    help="node without discovery: addresses a round may name as next hop or reply_to (repeatable; "
+                         "default: any)")
+    ap.add_argument("--verify-fraction", dest="verify_fraction", type=float,
+                    help="head with discovery: share of rounds re-run on independent replicas of the same layers, "
+                         "besides the first round on a peer not yet vouched for; a peer that disagrees with the "
+                         "majority is banned (default 0.05; 0: no verification)")
     ap.add_argument("--print-peer-id", dest="print_peer_id", action="store_true", help="print the peer id and exit")
     ap.add_argument("--config", help="YAML config file")
     ap.add_argument("--log-level", dest="log_level", help="debug, info, warning (default info)")

@@ -57,7 +57,7 @@ async def test_discovery_replicas_waiting_head_and_failover(reference, tokenizer
         d = Discovery(Identity.generate(), bootstrap=[boot])
         await d.start()
         try:
-            records = await d.find("embedded:target")
+            records = [r for r in await d.find("embedded:target") if r.role == "stage"]  # the head announces too
             assert sorted((r.layer_start, r.layer_end) for r in records) == [(0, 3), (0, 3), (3, 5), (3, 5), (5, 8), (5, 8)]
 
             async with grpc.aio.insecure_channel(by_name["head"].address) as ch:

@@ -18,7 +18,7 @@ from conftest import PROMPTS, hf_greedy
 from dsd_node.cli import _excluded_by
 from dsd_node.engine.config import GenerationConfig, Stats
 from dsd_node.net.client import DsdClient
-from dsd_node.net.grpc_util import query_info, wait_healthy
+from dsd_node.net.grpc_util import Channels, query_info, wait_healthy
 from dsd_node.net.wire import NodeInfo
 from dsd_node.ops.testnet import NodeSpec, Testnet, free_port, plan_discovery
 
@@ -127,8 +127,8 @@ async def test_frozen_stage_fails_over_in_seconds_and_is_routed_to_again_after_i
     excluded = {e.address: e for e in info.excluded}
     assert f.by_name[victim].address in excluded and excluded[f.by_name[victim].address].reason
     assert f.by_name[victim].address not in [h.address for h in info.route]
-    out = await _excluded_by(f.head.address)  # what `dsd route --gateway` prints about the head's exclusions
-    assert f"{f.by_name[victim].address}  for " in out and "failure 1 in a row" in out, out
+    out = await _excluded_by(Channels(), f.head.address)  # what `dsd route --gateway` prints of its exclusions
+    assert f"excludes {f.by_name[victim].address} for " in out and "failure 1 in a row" in out, out
 
     async def readmitted() -> bool:
         return f.by_name[victim].address not in {e.address for e in (await f.info()).excluded}

@@ -193,7 +193,7 @@ def test_config_file_environment_and_flags(tmp_path):
     addr = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "DSD_LAYERS": "2:6"}  # environment beats the file; flags beat both
     p = subprocess.Popen([sys.executable, "-m", "dsd_node.node_cli", "--config", str(cfg), "--listen", addr,
-                          "--max-sessions", "7", "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                          "--max-sessions", "7", "--threads", "1", "--insecure"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         asyncio.run(wait_healthy(addr, 90))
 

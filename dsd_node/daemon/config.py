@@ -62,7 +62,13 @@ class NodeConfig:
     route_wait: float = 3600.0
     http: str | None = None  # head: OpenAI-compatible HTTP API on HOST:PORT ("auto": 127.0.0.1, a free port)
     metrics: str | None = None  # Prometheus /metrics on HOST:PORT (the head's HTTP API serves it too)
-    api_key: str | None = None  # clients must present it (HTTP: Authorization: Bearer KEY)
+    api_key: str | None = None  # clients must present it (HTTP: Authorization: Bearer KEY; gRPC: metadata dsd-api-key)
+    # trust (see dsd_node/net/tls.py and the README's Security section)
+    insecure: bool = False  # plain-text gRPC links, no peer authentication (local testnets only)
+    swarm_key: str | None = None  # file with the private swarm's shared secret
+    allow_peers: str | None = None  # file with the peer ids allowed to take part, one a line
+    dial_allow: list[str] = field(default_factory=list)  # without discovery: the addresses messages may name
+    verify_fraction: float = 0.05  # head with discovery: share of rounds re-run on independent replicas
 
     @property
     def roles(self) -> list[str]:
@@ -89,6 +95,8 @@ class NodeConfig:
         for name in ("round_timeout", "round_floor", "exclude_backoff"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ConfigError(f"verify_fraction must be between 0 and 1, got {self.verify_fraction}")
         if self.max_sessions < 1 or self.max_message_mb < 1:
             raise ConfigError("max_sessions and max_message_mb must be at least 1")
         try:

@@ -2,6 +2,7 @@
 
 `run_node(cfg)` runs these steps in order; each is a method of `Node`:
   compute_on      the device (a one-line error, before anything starts, when it is not there) and CPU threads
+  secure          TLS bound to the libp2p identity, swarm membership, API key (or --insecure, said loudly)
   listen          bind the gRPC port
   join            libp2p discovery (with --bootstrap / --listen-p2p)
   load            the stage's shard (--layers auto: sized by free memory, placed where the network covers least),
@@ -56,6 +57,8 @@ from dsd_node.engine.shard_runner import ShardRunner
 from dsd_node.engine.stage import StageHandler
 from dsd_node.engine.tree import TokenTree
 from dsd_node.engine.verify import low_importance_mask
+from dsd_node.net.audit import Auditor
+from dsd_node.net.dialable import Dialable
 from dsd_node.net.drafter_pool import DrafterPool
 from dsd_node.net.exclusion import Exclusions
 from dsd_node.net.gateway import GatewayConfig, GatewayService
@@ -64,16 +67,36 @@ from dsd_node.net.http_api import HttpApi
 from dsd_node.net.metrics import NodeMetrics, parse_host_port, serve_metrics
 from dsd_node.net.node_services import DrafterService, NodeService
 from dsd_node.net.stage_service import StageService
+from dsd_node.net.tls import (
+    AccessPolicy,
+    Membership,
+    NodeTls,
+    TlsIdentityError,
+    is_loopback,
+    read_allow_peers,
+    read_swarm_key,
+)
 from dsd_node.net.wire import NodeInfo
 from dsd_node.p2p.discovery import Discovery, DiscoveryError
-from dsd_node.p2p.identity import IdentityError
-from dsd_node.p2p.peers import RouteFinder, make_record, probe_rtt, stage_records, start_discovery
+from dsd_node.p2p.identity import IdentityError, load_or_create_identity
+from dsd_node.p2p.peers import (
+    RouteFinder,
+    default_identity_path,
+    make_record,
+    probe_rtt,
+    stage_records,
+    start_discovery,
+)
 from dsd_node.p2p.placement import MIB, PlacementError, dtype_bytes, plan_span
 from dsd_node.p2p.records import NodeRecord
 from dsd_node.p2p.routing import RouteError, build_route
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
 log = logging.getLogger("dsd.node")
+
+
+# bootstrap/identity.key: committed so that the compose file can name its peer id; anyone can read it
+COMPOSE_TESTNET_BOOTSTRAP_PEER_ID = "12D3KooWBKsYXnuV42qpuq1enoJVXKc3KGMuCNizgzjQjks29XsK"
 
 
 class NodeStartError(RuntimeError):
@@ -97,7 +120,10 @@ class Node:
         self.role = "+".join(self.roles)
         self.stop = asyncio.Event()
         self.channels = Channels()
-        self.server, self.health = make_server(cfg.max_message_mb)
+        self.tls: NodeTls | None = None
+        self.policy = AccessPolicy(None, cfg.api_key)  # the TLS half is set by secure()
+        self.dialable = Dialable()
+        self.server, self.health = make_server(cfg.max_message_mb, [self.policy])
         self.address = self.self_address = ""
         self.model_hash = ""
         self.num_layers = 0
@@ -115,6 +141,11 @@ class Node:
     async def run(self) -> None:
         self.compute_on()
         install_signal_handlers(self.stop)
+        try:
+            self.secure()
+        except (IdentityError, ValueError) as e:
+            print(f"dsd-node: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         self.listen()
         try:
             await self.join()
@@ -145,9 +176,41 @@ class Node:
         torch.set_num_threads(threads)
         log.info("computing on %s with %d CPU threads", self.device, threads)
 
+    def secure(self) -> None:
+        cfg = self.cfg
+        self.membership = Membership(read_swarm_key(cfg.swarm_key) if cfg.swarm_key else None,
+                                     read_allow_peers(cfg.allow_peers) if cfg.allow_peers else None)
+        if cfg.insecure:
+            print("dsd-node: WARNING: --insecure: plain-text gRPC links, callers not authenticated; "
+                  "use only on a trusted local network", file=sys.stderr, flush=True)
+        else:
+            identity = load_or_create_identity(self.identity_path)
+            if identity.peer_id == COMPOSE_TESTNET_BOOTSTRAP_PEER_ID:
+                raise ValueError(f"{self.identity_path} is the compose testnet's committed bootstrap key, public in the "
+                                 "repository: a real deployment makes its own (point --identity at a new file), "
+                                 "only an --insecure testnet may use it")
+            self.tls = NodeTls.create(identity, self.membership)
+            self.policy.tls = self.tls
+            self.channels = Channels(self.tls)
+            print(f"dsd-node links: TLS bound to peer id {identity.peer_id}, mutually authenticated; "
+                  f"{self.membership.describe()}", flush=True)
+        host = cfg.listen.rpartition(":")[0]
+        if "head" in self.roles and not cfg.api_key and not is_loopback(host):
+            print(f"dsd-node: WARNING: the gateway listens on {cfg.listen} without --api-key: anyone who reaches "
+                  "it can generate", file=sys.stderr, flush=True)
+
+    @property
+    def identity_path(self) -> Path:
+        return Path(self.cfg.identity).expanduser() if self.cfg.identity else default_identity_path(self.role)
+
+    @property
+    def peer_id(self) -> str:
+        return self.tls.peer_id if self.tls else self.discovery.peer_id if self.discovery else ""
+
     def listen(self) -> None:
         host, _, _ = self.cfg.listen.rpartition(":")
-        port = self.server.add_insecure_port(self.cfg.listen)
+        port = (self.server.add_secure_port(self.cfg.listen, self.tls.server_credentials()) if self.tls
+                else self.server.add_insecure_port(self.cfg.listen))
         if port == 0:
             raise SystemExit(f"dsd-node: cannot listen on {self.cfg.listen}")
         local_host = "127.0.0.1" if host in ("0.0.0.0", "[::]", "") else host
@@ -204,12 +267,14 @@ class Node:
 
     def add_services(self) -> None:
         if self.stage is not None:
-            rpc.add_StageServicer_to_server(StageService(self.stage, self.channels, self.cfg.session_ttl, self.metrics),
-                                            self.server)
+            rpc.add_StageServicer_to_server(StageService(self.stage, self.channels, self.cfg.session_ttl, self.metrics,
+                                                         policy=self.policy, dialable=self.dialable_peers(),
+                                                         peer_id=self.peer_id), self.server)
         if self.drafter is not None:
             rpc.add_DrafterServicer_to_server(DrafterService(self.drafter, self.cfg.limits()), self.server)
         if "head" in self.roles:
-            self.gateway = GatewayService(self.address, self.channels, metrics=self.metrics)  # reply_to: last stages
+            self.gateway = GatewayService(self.address, self.channels, metrics=self.metrics,  # reply_to: last stages
+                                          policy=self.policy)
             rpc.add_GatewayServicer_to_server(self.gateway, self.server)
         rpc.add_NodeServicer_to_server(NodeService(self.describe), self.server)
 
@@ -237,10 +302,24 @@ class Node:
         while True:
             route = self.gateway.route
             for hop in route:
-                rtt = await probe_rtt(self.channels, hop.address)
+                rtt = await probe_rtt(self.channels, hop.address, peer_id=hop.peer_id)
                 if rtt is not None:
                     self.metrics.link_rtt.labels(hop.address).set(rtt / 1e3)
             await asyncio.sleep(every_s if route else 1.0)  # first: soon after the route is known
+
+    def dialable_peers(self) -> Dialable:
+        """Where rounds may send this stage: announced peers (discovery), else --dial-allow, else anywhere."""
+        if self.discovery is not None:
+            async def announced() -> list[tuple[str, str, float]]:
+                return [(r.grpc_address, r.peer_id, r.expires_at)
+                        for r in await self.discovery.find(self.cfg.model, expected_model_hash=self.model_hash)]
+            dialable = Dialable(announced)
+            self.tasks.append(asyncio.create_task(dialable.keep_fresh()))  # known before the first round needs it
+            return dialable
+        if not self.cfg.dial_allow:
+            print("dsd-node: note: no discovery and no --dial-allow: this stage dials the next hop and reply_to "
+                  "that rounds name", flush=True)
+        return Dialable(static=self.cfg.dial_allow)
 
     def describe(self) -> NodeInfo:
         """What Info answers: roles, model, layers, load, and a head's route."""
@@ -249,10 +328,15 @@ class Node:
         return NodeInfo(role=self.role, model=self.cfg.model, model_hash=self.model_hash,
                         layer_start=sh.start if sh else 0, layer_end=sh.end if sh else 0, num_layers=self.num_layers,
                         version=__version__, sessions=sessions, max_sessions=self.cfg.max_sessions,
-                        peer_id=self.discovery.peer_id if self.discovery else "", address=self.address,
+                        peer_id=self.peer_id, address=self.address,
                         tokens_per_s=self.tokens_per_s, dtype=str(sh.dtype).removeprefix("torch.") if sh else "",
                         route=self.gateway.route if self.gateway else [],
-                        excluded=self.gateway.excluded() if self.gateway else [])
+                        excluded=self.gateway.excluded() if self.gateway else [],
+                        banned=[f"{p}: {why}" for p, why in auditor.banned.items()] if (auditor := self.auditor) else [])
+
+    @property
+    def auditor(self) -> Auditor | None:
+        return self.gateway.cfg.auditor if self.gateway is not None and self.gateway.cfg is not None else None
 
     async def join(self) -> None:
         cfg = self.cfg
@@ -261,19 +345,26 @@ class Node:
         listen_p2p = cfg.listen_p2p or ("/ip4/0.0.0.0/tcp/4001" if "bootstrap" in self.roles else None)
         # py-libp2p logs every failed re-dial of a peer that left (e.g. after `dsd route`) several times a minute
         logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
-        self.discovery = await start_discovery(cfg.identity, self.role, listen_p2p, cfg.bootstrap)
+        self.discovery = await start_discovery(str(self.identity_path), self.role, listen_p2p, cfg.bootstrap,
+                                               swarm_key=self.membership.swarm_key)
         print(f"dsd-node p2p: peer id {self.discovery.peer_id} listening on {' '.join(self.discovery.listen_addrs)}",
               flush=True)
 
     def announce(self) -> None:
         if self.discovery is None:
             return
-        for role, present in (("stage", self.stage), ("drafter", self.drafter)):
+        # a head announces its gateway (the reply_to last stages may dial) unless its stage record says it already
+        head = self.gateway if self.stage is None else None
+        for role, present in (("stage", self.stage), ("drafter", self.drafter), ("head", head)):
             if present is not None:
                 self.tasks.append(asyncio.create_task(
                     self.discovery.run_announcer(lambda role=role: self.record(role), self.cfg.announce_ttl / 3)))
 
     def record(self, role: str) -> NodeRecord:
+        if role == "head":
+            return make_record(self.discovery.peer_id, "head", self.cfg.model, self.model_hash, 0, 0,
+                               model_num_layers(self.cfg.model), self.address, 0.0, len(self.gateway.sessions),
+                               self.cfg.max_sessions, self.cfg.announce_ttl)
         sh = self.stage.runner.shard if role == "stage" else None
         sessions = len(self.stage.runner.sessions) if sh else len(self.drafter.sessions)
         on = sh or self.drafter.shard
@@ -322,7 +413,7 @@ class Node:
             drafter = LocalDraftSource(self.drafter)
         else:
             drafter = None
-        reroute = None
+        reroute = auditor = None
         if cfg.route:
             addrs = [self.self_address if a == "self" else a for a in cfg.route_addresses]
             route = await route_from_addresses(addrs, self.channels, cfg.model, wait_s=cfg.round_timeout)
@@ -330,13 +421,21 @@ class Node:
             route = await finder.route(wait_s=cfg.route_wait)
             reroute = finder.reroute
             self.tasks.append(asyncio.create_task(finder.keep_fresh(cfg.announce_ttl / 3)))
+            auditor = self.make_auditor(finder)
         else:
             raise NodeStartError("head needs --route ADDR,ADDR,... (stage addresses, first stage first) or --bootstrap")
         if isinstance(drafter, DrafterPool):
             await drafter.refresh()
         return GatewayConfig(route, tok, drafter, cfg.max_inflight, cfg.round_timeout, reroute,
                              max_positions(load_config(cfg.model)), limits=cfg.limits(), exclusions=exclusions,
-                             round_floor_s=cfg.round_floor)
+                             round_floor_s=cfg.round_floor, auditor=auditor)
+
+    def make_auditor(self, finder: RouteFinder) -> Auditor:
+        """Output verification against the announced replicas (the route finder's records, kept fresh)."""
+        async def replicas(fresh: bool) -> list[NodeRecord]:
+            return await finder.records() if fresh or not finder.known else list(finder.known)
+
+        return Auditor(replicas, self.gateway.replay, self.cfg.verify_fraction, on_ban=finder.banned.add)
 
     async def serve(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -361,6 +460,21 @@ class Node:
         log.info("stopped")
 
 
+async def connect_waiting(channels: Channels, address: str, what: str, wait_s: float) -> grpc.aio.Channel:
+    """The channel to a node configured by address, waiting (with a message) while it is not up yet."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await channels.get(address)
+        except TlsIdentityError as e:
+            raise NodeStartError(f"{what} {address}: {e}") from e
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise NodeStartError(f"{what} {address} does not answer ({e})") from e
+            log.info("waiting for %s %s ...", what, address)
+            await asyncio.sleep(1.0)
+
+
 async def route_from_addresses(addresses: list[str], channels: Channels, model: str, wait_s: float) -> list[Hop]:
     """Ask each stage for its layers (waiting, with a message, for stages not up yet); the route through them."""
     deadline = time.monotonic() + wait_s
@@ -368,17 +482,20 @@ async def route_from_addresses(addresses: list[str], channels: Channels, model: 
     for addr in addresses:
         while True:
             try:
-                info = await query_info(channels.get(addr), timeout=2)
+                info = await query_info(await connect_waiting(channels, addr, "stage", wait_s), timeout=2)
                 break
-            except grpc.aio.AioRpcError as e:
+            except TlsIdentityError as e:
+                raise NodeStartError(f"stage {addr}: {e}") from e
+            except (grpc.aio.AioRpcError, OSError) as e:
                 if time.monotonic() > deadline:
-                    raise NodeStartError(f"stage {addr} does not answer ({e.code().name})") from e
+                    why = e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)
+                    raise NodeStartError(f"stage {addr} does not answer ({why})") from e
                 log.info("waiting for stage %s ...", addr)
                 await asyncio.sleep(1.0)
         records.append(make_record(addr, "stage", model, info.model_hash, info.layer_start, info.layer_end,
                                    info.num_layers, addr, info.tokens_per_s, info.sessions, info.max_sessions, wait_s))
     chain = build_route(records, max(r.num_layers for r in records), model_id=model)  # RouteError names the gaps
-    return [Hop(r.grpc_address, r.layer_start, r.layer_end) for r in chain]
+    return [Hop(r.grpc_address, r.layer_start, r.layer_end, channels.peer_of(r.grpc_address)) for r in chain]
 
 
 def measure_tokens_per_s(runner: ShardRunner, n: int = 32) -> float:

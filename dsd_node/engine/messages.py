@@ -15,6 +15,7 @@ class Hop:
     address: str
     layer_start: int
     layer_end: int
+    peer_id: str = ""  # the stage's libp2p peer id: its TLS identity is checked against it ("" with --insecure)
 
 
 @dataclass

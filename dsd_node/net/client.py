@@ -1,7 +1,13 @@
-"""The client: an async class for programs, used by `dsd generate --gateway`."""
+"""The client: an async class for programs, used by `dsd generate --gateway`.
+
+TLS: a gateway that speaks TLS is reached over TLS pinned to the certificate it presents, after that
+certificate proved a dsd identity (and `peer_id`, when given: without it the first certificate is trusted);
+one that answers plain text (a --insecure testnet) is reached in plain text, unless `peer_id` is given.
+The API key travels as call metadata (dsd-api-key)."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -9,6 +15,7 @@ import grpc
 
 from dsd_node.engine.config import GenerationConfig, Stats
 from dsd_node.net.grpc_util import GRPC_OPTIONS
+from dsd_node.net.tls import API_KEY_METADATA, Membership, TlsIdentityError, pinned_channel
 from dsd_node.net.wire import generate_request_to_pb, stats_from_pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
@@ -61,11 +68,13 @@ class DsdClient:
     """`async with DsdClient("127.0.0.1:6000") as c: r = await c.generate("def f(", GenerationConfig(mode="si"))`
     (inside an `async def`; ValueError for an address that is not HOST:PORT)."""
 
-    def __init__(self, gateway: str, timeout_s: float | None = None):
+    def __init__(self, gateway: str, timeout_s: float | None = None, api_key: str | None = None,
+                 peer_id: str | None = None):
         self.gateway = parse_gateway_address(gateway)
         self.timeout_s = timeout_s
-        self.channel = grpc.aio.insecure_channel(gateway, options=GRPC_OPTIONS)
-        self.stub = rpc.GatewayStub(self.channel)
+        self.api_key, self.peer_id = api_key or None, peer_id or None
+        self.channel: grpc.aio.Channel | None = None
+        self.tls = False  # whether the connection is TLS (known once connected)
 
     async def __aenter__(self) -> DsdClient:
         return self
@@ -74,14 +83,38 @@ class DsdClient:
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+    async def connect(self) -> grpc.aio.Channel:
+        """The channel to the gateway: TLS when it speaks TLS (see the module doc). ClientError when it cannot be
+        reached or fails the identity check."""
+        if self.channel is None:
+            try:
+                self.channel, _ = await pinned_channel(self.gateway, None, Membership(), GRPC_OPTIONS, self.peer_id)
+                self.tls = True
+            except TlsIdentityError as e:
+                raise ClientError(grpc.StatusCode.UNAUTHENTICATED, str(e), self.gateway) from None
+            except ssl.SSLError as e:
+                if self.peer_id:
+                    raise ClientError(grpc.StatusCode.UNAUTHENTICATED, f"{self.gateway} does not speak TLS, so it "
+                                      f"cannot prove peer id {self.peer_id} ({e})", self.gateway) from None
+                self.channel = grpc.aio.insecure_channel(self.gateway, options=GRPC_OPTIONS)  # a --insecure node
+            except OSError as e:
+                raise ClientError(grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.gateway}: {e}",
+                                  self.gateway) from None
+        return self.channel
 
     async def stream(self, prompt: str | list[int], cfg: GenerationConfig, result: ClientResult | None = None
                      ) -> AsyncIterator[Chunk]:
         """Yield text as it is committed; fills `result` (text, tokens, stats) on the way."""
         result = result if result is not None else ClientResult()
         cfg.validate()
-        call = self.stub.Generate(generate_request_to_pb(prompt, cfg), timeout=self.timeout_s, wait_for_ready=False)
+        stub = rpc.GatewayStub(await self.connect())
+        metadata = ((API_KEY_METADATA, self.api_key),) if self.api_key else None
+        call = stub.Generate(generate_request_to_pb(prompt, cfg), timeout=self.timeout_s, wait_for_ready=False,
+                             metadata=metadata)
         try:
             async for ev in call:
                 if ev.HasField("stats"):

@@ -79,16 +79,17 @@ class DrafterPool:
             timeout = self.deadline.deadline_s(size)
             t0 = time.perf_counter()
             try:
-                r = await rpc.DrafterStub(self.channels.get(addr)).Draft(draft_request_to_pb(session_id, req),
-                                                                        timeout=timeout)
-            except grpc.aio.AioRpcError as e:
-                code = e.code()
+                r = await rpc.DrafterStub(await self.channels.get(addr)).Draft(draft_request_to_pb(session_id, req),
+                                                                              timeout=timeout)
+            except (grpc.aio.AioRpcError, OSError) as e:  # OSError: unreachable, or fails the TLS identity check
+                code = e.code() if isinstance(e, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                why = rpc_error_text(e) if isinstance(e, grpc.aio.AioRpcError) else f"UNAVAILABLE: {e}"
                 if code == grpc.StatusCode.INVALID_ARGUMENT:  # the request itself is bad: no drafter will take it
-                    raise GenerationError(f"drafter at {addr} refused the request: {rpc_error_text(e)}",
+                    raise GenerationError(f"drafter at {addr} refused the request: {why}",
                                           ErrorCode.INVALID_ARGUMENT) from e
-                tried.append(f"{addr}: {rpc_error_text(e)}")
+                tried.append(f"{addr}: {why}")
                 if code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # overload is back-pressure, not a fault
-                    ex = self.exclusions.exclude(addr, f"draft failed: {rpc_error_text(e)}")
+                    ex = self.exclusions.exclude(addr, f"draft failed: {why}")
                     log.warning("drafter %s excluded for %.0f s: %s", addr, self.exclusions.remaining_s(addr),
                                 ex.reason)
                 continue
@@ -111,6 +112,7 @@ class DrafterPool:
 
     async def _end(self, addr: str, session_id: str) -> None:
         try:
-            await rpc.DrafterStub(self.channels.get(addr)).EndSession(pb.SessionRef(session_id=session_id), timeout=5)
-        except grpc.aio.AioRpcError:
+            channel = await self.channels.get(addr)
+            await rpc.DrafterStub(channel).EndSession(pb.SessionRef(session_id=session_id), timeout=5)
+        except (grpc.aio.AioRpcError, OSError):
             pass

@@ -8,6 +8,10 @@ stage an error names; when none is named, the stages that do not answer an Info 
 (RESOURCE_EXHAUSTED) is back-pressure: another route may be tried, nobody is excluded. When no verdict
 comes within a multiple of recent round times (dsd_node.net.deadline), the route's stages are probed: one
 that does not answer fails the round at once (a hung stage costs seconds); a slow one is waited for.
+
+With an auditor (dsd_node.net.audit) a sample of rounds is re-run on independent replicas before its tokens
+are sent: a round the replicas disagree with is never streamed, its peers are banned, and the generation
+resumes from the last text sent on a route around them.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ import grpc
 from dsd_node.engine.config import ErrorCode, GenerationConfig, GenerationError, Stats
 from dsd_node.engine.head import DraftSource, Head
 from dsd_node.engine.limits import Limits
-from dsd_node.engine.messages import Hop
+from dsd_node.engine.messages import Hop, RoundMsg
+from dsd_node.engine.tree import TokenTree
 from dsd_node.net.admission import Admission, Busy
+from dsd_node.net.audit import Auditor, IntegrityError
 from dsd_node.net.deadline import AdaptiveDeadline
 from dsd_node.net.exclusion import Exclusions
 from dsd_node.net.grpc_util import Channels, query_info
 from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import GrpcPipeline
+from dsd_node.net.tls import AccessPolicy, AuthError
 from dsd_node.net.wire import ExcludedPeer, WireError, generation_config_from_pb, stats_to_pb, verdict_from_pb
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
@@ -61,6 +68,7 @@ class GatewayConfig:
     exclusions: Exclusions = field(default_factory=Exclusions)  # shared with the route finder and drafters
     round_floor_s: float = 3.0  # the shortest round deadline (round_timeout_s is the longest)
     deadline: AdaptiveDeadline | None = None  # made from the two above; shared by all sessions
+    auditor: Auditor | None = None  # verified outputs: re-runs a sample of rounds on independent replicas
 
     def __post_init__(self):
         if self.deadline is None:
@@ -72,9 +80,10 @@ class GatewayService(rpc.GatewayServicer):
     """`cfg` is None until the node has built its route; Generate says so meanwhile."""
 
     def __init__(self, address: str, channels: Channels, cfg: GatewayConfig | None = None,
-                 metrics: NodeMetrics | None = None):
-        self.address, self.channels, self.cfg = address, channels, cfg
+                 metrics: NodeMetrics | None = None, policy: AccessPolicy | None = None):
+        self.address, self.channels, self.cfg, self.policy = address, channels, cfg, policy
         self.sessions: dict[str, asyncio.Queue] = {}
+        self.last_stage: dict[str, str] = {}  # session -> peer id of its route's last stage (who may send verdicts)
         self.metrics = metrics or NodeMetrics()
         self.heads: set[Head] = set()  # sessions running now (their rounds in flight are a gauge)
         self.active = 0  # generations running now
@@ -147,6 +156,7 @@ class GatewayService(rpc.GatewayServicer):
         tok = self.cfg.tokenizer
         t0 = time.perf_counter()
         prior: list[int] = []  # tokens committed before a failover
+        streamed: list[int] = []  # tokens sent to the caller (where a round caught by verification resumes)
         stats = Stats(gcfg.mode)
         sent = 0  # characters of text streamed so far
         last: list[float] = []  # when the last tokens were emitted
@@ -156,12 +166,18 @@ class GatewayService(rpc.GatewayServicer):
         self.active += 1
 
         async def on_tokens(new: list[int], head: Head) -> None:
-            """Stream newly committed tokens with the text they add (decoded in context, so merges stay right)."""
+            """Stream newly committed tokens with the text they add (decoded in context, so merges stay right);
+            with an auditor, a sampled round is verified first (IntegrityError: its tokens are never sent)."""
             nonlocal sent, stopped
+            out = head.trimmed()
+            auditor = self.cfg.auditor
+            if auditor is not None and auditor.should_check(self.cfg.route, len(out) == len(new), gcfg.sampling):
+                await auditor.check(self.cfg.route, ids + prior + out[: len(out) - len(new)], new, gcfg.sampling)
             now = time.perf_counter()
             self.metrics.tokens_emitted(gcfg.mode, len(new), now - t0, now - last[0] if last else None)
             last[:] = [now]
-            text = tok.decode(prior + head.trimmed())
+            streamed.extend(new)
+            text = tok.decode(prior + out)
             try:
                 await emit(new, text[sent:])
             except StopGeneration:
@@ -174,9 +190,13 @@ class GatewayService(rpc.GatewayServicer):
             while True:
                 left = replace(gcfg, max_new_tokens=gcfg.max_new_tokens - len(prior))
                 head, failure, route = await self._run_session(ids + prior, left, on_tokens)
-                stats.add(head.stats)
-                prior += head.trimmed()
-                if failure is None or stopped or len(prior) >= gcfg.max_new_tokens or (head.eos is not None and head.eos in prior):
+                if head is not None:
+                    stats.add(head.stats)
+                    prior += head.trimmed()
+                if isinstance(failure, IntegrityError):
+                    prior = list(streamed)  # regenerate from the last verified text
+                eos = head.eos if head is not None else None
+                if failure is None or stopped or len(prior) >= gcfg.max_new_tokens or (eos is not None and eos in prior):
                     break
                 if failure.code == ErrorCode.RESOURCE_EXHAUSTED:  # a stage is full: back-pressure, not a fault
                     waited = time.perf_counter() - t0
@@ -213,7 +233,7 @@ class GatewayService(rpc.GatewayServicer):
     async def _blame(self, failure: GenerationError, route: list[Hop]) -> list[str]:
         """Exclude the stages that caused `failure` (with backoff); returns their addresses."""
         text = str(failure)
-        if OVERLOAD in text:  # back-pressure relayed by a stage: try again elsewhere, exclude nobody
+        if OVERLOAD in text or isinstance(failure, IntegrityError):  # back-pressure; or the auditor banned them
             return []
         named = [(text.rfind(h.address), h.address) for h in route if h.address in text]
         if named:  # each stage relays the error of the next one: the last address named is the deepest
@@ -229,24 +249,29 @@ class GatewayService(rpc.GatewayServicer):
 
     async def _silent(self, route: list[Hop]) -> list[str]:
         """The stages of `route` that do not answer an Info probe now."""
-        answers = await asyncio.gather(*(self._answers(h.address) for h in route))
+        answers = await asyncio.gather(*(self._answers(h) for h in route))
         return [h.address for h, ok in zip(route, answers, strict=True) if not ok]
 
-    async def _answers(self, address: str) -> bool:
+    async def _answers(self, hop: Hop) -> bool:
         try:
-            await query_info(self.channels.get(address), timeout=PROBE_TIMEOUT_S)
+            await query_info(await self.channels.get(hop.address, hop.peer_id or None), timeout=PROBE_TIMEOUT_S)
             return True
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, OSError):  # OSError: unreachable, or not the peer the route names
             return False
 
     async def _run_session(self, prompt: list[int], gcfg: GenerationConfig,
-                           emit) -> tuple[Head, GenerationError | None, list[Hop]]:
-        """One pipeline session; returns the head, the failure (if any) and the route it took."""
+                           emit) -> tuple[Head | None, GenerationError | None, list[Hop]]:
+        """One pipeline session; returns the head (None when the first stage could not be reached), the failure
+        (if any) and the route it took."""
         sid = uuid.uuid4().hex
-        verdicts: asyncio.Queue = asyncio.Queue()
-        self.sessions[sid] = verdicts
         route = self.cfg.route
-        pipe = GrpcPipeline(sid, route, self.address, self.channels.get(route[0].address), verdicts,
+        try:
+            channel = await self.channels.get(route[0].address, route[0].peer_id or None)
+        except OSError as e:  # unreachable, or not the peer the route names (TlsIdentityError): another route
+            return None, GenerationError(f"first stage {route[0].address}: {e}", ErrorCode.UNAVAILABLE), route
+        verdicts: asyncio.Queue = asyncio.Queue()
+        self.sessions[sid], self.last_stage[sid] = verdicts, route[-1].peer_id
+        pipe = GrpcPipeline(sid, route, self.address, channel, verdicts,
                             self.cfg.round_timeout_s, self.cfg.deadline, silent=lambda: self._silent(route),
                             on_round_trip=self.metrics.round_trip.observe)
         head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
@@ -264,6 +289,7 @@ class GatewayService(rpc.GatewayServicer):
         finally:
             self.heads.discard(head)
             self.sessions.pop(sid, None)
+            self.last_stage.pop(sid, None)
             await pipe.close(cancel=not finished)
             end = getattr(self.cfg.drafter, "end_session", None)
             if end is not None:
@@ -273,12 +299,43 @@ class GatewayService(rpc.GatewayServicer):
                 self.cfg.exclusions.forgive(h.address)
         return head, failure, route
 
+    async def replay(self, route: list[Hop], context: list[int], tokens: list[int], sampling) -> list[int]:
+        """The tokens `route` commits when `tokens` are drafted after `context` (one round, a prefill): the
+        auditor's independent opinion on a round ([] when that route gives none)."""
+        sid = uuid.uuid4().hex
+        verdicts: asyncio.Queue = asyncio.Queue()
+        self.sessions[sid], self.last_stage[sid] = verdicts, route[-1].peer_id
+        pipe = None
+        try:
+            channel = await self.channels.get(route[0].address, route[0].peer_id or None)
+            pipe = GrpcPipeline(sid, route, self.address, channel, verdicts, self.cfg.round_timeout_s,
+                                self.cfg.deadline, silent=lambda: self._silent(route))
+            tree = TokenTree.chain(context + tokens[:-1], n_given=len(context))
+            await pipe.send(RoundMsg(sid, 0, 0, tree=tree, sampling=sampling))
+            return (await pipe.recv()).tokens
+        except (OSError, GenerationError) as e:  # an unreachable replica gives no opinion
+            log.warning("verification replay on %s failed: %s", route[0].address, e)
+            return []
+        finally:
+            self.sessions.pop(sid, None)
+            self.last_stage.pop(sid, None)
+            if pipe is not None:
+                await pipe.close()
+
     async def Verdicts(self, request_iterator, context):
+        try:
+            caller = self.policy.caller(context) if self.policy is not None else None
+        except AuthError as e:
+            await refuse(context, e.code, e.details)
         try:
             async for m in request_iterator:
                 q = self.sessions.get(m.session_id)
                 if q is None:
                     await refuse(context, grpc.StatusCode.NOT_FOUND, f"unknown session id {m.session_id!r}")
+                want = self.last_stage.get(m.session_id, "")
+                if caller is not None and caller != want:
+                    await refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                                 f"verdict from peer {caller}, not from the session's last stage {want or '(unnamed)'}")
                 q.put_nowait(verdict_from_pb(m))
         except WireError as e:
             await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -21,9 +21,11 @@ from dsd_node.engine.memory import MemoryReturner
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.shard_runner import SessionLimitError
 from dsd_node.engine.stage import BadRound, SessionExists, StageHandler
+from dsd_node.net.dialable import Dialable, NotAnnounced
 from dsd_node.net.grpc_util import Channels
 from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import StreamLink
+from dsd_node.net.tls import AccessPolicy, AuthError, TlsIdentityError
 from dsd_node.net.wire import WireError, round_from_pb, round_to_pb, verdict_to_pb
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
@@ -41,11 +43,14 @@ class StreamAbort(Exception):
 
 class StageService(rpc.StageServicer):
     """session_ttl_s: a session whose stream brings no new work (a round with a tree) for this long expires;
-    commit-only messages do not renew it, so a caller cannot hold a slot with them."""
+    commit-only messages do not renew it, so a caller cannot hold a slot with them. policy / peer_id: with
+    authenticated links, who may send this stage rounds (check_upstream); dialable: where rounds may send it."""
 
     def __init__(self, handler: StageHandler, channels: Channels, session_ttl_s: float = 30.0,
-                 metrics: NodeMetrics | None = None, memory: MemoryReturner | None = None):
+                 metrics: NodeMetrics | None = None, memory: MemoryReturner | None = None,
+                 policy: AccessPolicy | None = None, dialable: Dialable | None = None, peer_id: str = ""):
         self.handler, self.channels, self.session_ttl_s = handler, channels, session_ttl_s
+        self.policy, self.dialable, self.peer_id = policy, dialable or Dialable(), peer_id
         self.memory = memory or MemoryReturner()
         self.metrics = metrics or NodeMetrics()
         sh = handler.runner.shard
@@ -54,16 +59,33 @@ class StageService(rpc.StageServicer):
         self.metrics.set_source(self.metrics.queue_length, lambda: sum(q.qsize() for q in self.queues))
         self.metrics.set_source(self.metrics.active_sessions.labels("stage"), lambda: len(handler.runner.sessions))
 
+    def check_upstream(self, msg: RoundMsg, caller: str | None) -> None:
+        """With authenticated links: the round is for this node, and comes from the head (hop 0) or from the
+        peer the route names just before this one."""
+        if caller is None:
+            return
+        if 0 <= msg.hop < len(msg.route) and msg.route[msg.hop].peer_id not in ("", self.peer_id):
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"round for peer {msg.route[msg.hop].peer_id} sent to peer {self.peer_id}")
+        if msg.hop > 0:
+            up = msg.route[msg.hop - 1].peer_id if msg.hop - 1 < len(msg.route) else ""
+            if up != caller:
+                raise AuthError(grpc.StatusCode.PERMISSION_DENIED,
+                                f"round at hop {msg.hop} from peer {caller}, not from the route's previous stage "
+                                f"{up or '(unnamed)'}")
+
     async def Forward(self, request_iterator, context):
         queue: asyncio.Queue[RoundMsg | StreamAbort | None] = asyncio.Queue()
         sid: list[str] = []  # the stream's session, once its first round names it
         closed: list[bool] = []  # set when the handler ends: a session the reader opens after that is freed at once
+        caller = self.policy.caller(context) if self.policy is not None else None
 
         async def read() -> None:
             end: StreamAbort | None = None
             try:
                 async for m in request_iterator:
                     msg = round_from_pb(m)
+                    self.check_upstream(msg, caller)
                     if not sid:
                         if not msg.session_id:
                             raise WireError("round without a session id")
@@ -83,6 +105,8 @@ class StageService(rpc.StageServicer):
                 end = StreamAbort(grpc.StatusCode.ALREADY_EXISTS, str(e))
             except SessionLimitError as e:
                 end = StreamAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            except AuthError as e:
+                end = StreamAbort(e.code, e.details)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # never a silent end: the stream fails with what went wrong
@@ -90,7 +114,7 @@ class StageService(rpc.StageServicer):
             queue.put_nowait(end)  # None: the caller closed the stream
 
         reader = asyncio.create_task(read())
-        out = _Outlets(self.channels)
+        out = _Outlets(self.channels, self.dialable)
         problem: StreamAbort | None = None
         self.queues.add(queue)
         idle_since = time.monotonic()  # the last new work: commit-only messages do not count
@@ -173,8 +197,8 @@ class StageService(rpc.StageServicer):
 class _Outlets:
     """Where one stream's results go: the next stage's Forward stream, or the gateway's Verdicts stream."""
 
-    def __init__(self, channels: Channels):
-        self.channels = channels
+    def __init__(self, channels: Channels, dialable: Dialable):
+        self.channels, self.dialable = channels, dialable
         self.down: StreamLink | None = None
         self.verdicts = None
 
@@ -183,8 +207,16 @@ class _Outlets:
             if self.down is None:
                 if out.hop >= len(out.route):
                     raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, "route ends before the last layer")
-                nxt = out.route[out.hop].address
-                self.down = StreamLink(nxt, self.channels.get(nxt))
+                nxt = out.route[out.hop]
+                try:
+                    await self.dialable.check(nxt.address, nxt.peer_id, "next stage")
+                    self.down = StreamLink(nxt.address, await self.channels.get(nxt.address, nxt.peer_id or None))
+                except NotAnnounced as e:
+                    raise StreamAbort(grpc.StatusCode.PERMISSION_DENIED, str(e)) from e
+                except TlsIdentityError as e:
+                    raise StreamAbort(grpc.StatusCode.PERMISSION_DENIED, f"next stage {nxt.address}: {e}") from e
+                except OSError as e:
+                    raise StreamAbort(grpc.StatusCode.UNAVAILABLE, f"next stage {nxt.address} unreachable: {e}") from e
             try:
                 await self.down.write(round_to_pb(out))
             except GenerationError as e:
@@ -192,9 +224,14 @@ class _Outlets:
         elif isinstance(out, VerdictMsg):
             try:
                 if self.verdicts is None:
-                    self.verdicts = rpc.GatewayStub(self.channels.get(msg.reply_to)).Verdicts()
+                    await self.dialable.check(msg.reply_to, "", "reply_to")
+                    self.verdicts = rpc.GatewayStub(await self.channels.get(msg.reply_to)).Verdicts()
                 await self.verdicts.write(verdict_to_pb(out))
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+            except NotAnnounced as e:
+                raise StreamAbort(grpc.StatusCode.PERMISSION_DENIED, str(e)) from e
+            except TlsIdentityError as e:
+                raise StreamAbort(grpc.StatusCode.PERMISSION_DENIED, f"gateway {msg.reply_to}: {e}") from e
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, OSError) as e:
                 raise StreamAbort(grpc.StatusCode.UNAVAILABLE, f"gateway {msg.reply_to} unreachable: {e}") from e
 
     async def close(self, cancel: bool) -> None:

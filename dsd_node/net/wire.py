@@ -118,11 +118,11 @@ def verdict_from_pb(m: pb.Verdict) -> VerdictMsg:
 
 
 def hop_to_pb(h: Hop) -> pb.Hop:
-    return pb.Hop(address=h.address, layer_start=h.layer_start, layer_end=h.layer_end)
+    return pb.Hop(address=h.address, layer_start=h.layer_start, layer_end=h.layer_end, peer_id=h.peer_id)
 
 
 def hop_from_pb(m: pb.Hop) -> Hop:
-    return Hop(m.address, m.layer_start, m.layer_end)
+    return Hop(m.address, m.layer_start, m.layer_end, m.peer_id)
 
 
 def tree_shape_to_pb(s: TreeShape) -> pb.TreeShape:
@@ -218,17 +218,23 @@ class NodeInfo:
     dtype: str = ""
     route: list[Hop] = field(default_factory=list)
     excluded: list[ExcludedPeer] = field(default_factory=list)  # a head: peers out of its routes now, and why
+    banned: list[str] = field(default_factory=list)  # a head: "peer id: why" (output verification)
+
+
+NODE_INFO_LISTS = ("route", "excluded", "banned")  # converted one by one below
 
 
 def node_info_to_pb(i: NodeInfo) -> pb.NodeInfo:
-    return pb.NodeInfo(**{f.name: getattr(i, f.name) for f in fields(NodeInfo) if f.name not in ("route", "excluded")},
+    return pb.NodeInfo(**{f.name: getattr(i, f.name) for f in fields(NodeInfo) if f.name not in NODE_INFO_LISTS},
                        route=[hop_to_pb(h) for h in i.route],
                        excluded=[pb.ExcludedPeer(**{f.name: getattr(e, f.name) for f in fields(ExcludedPeer)})
-                                 for e in i.excluded])
+                                 for e in i.excluded],
+                       banned=list(i.banned))
 
 
 def node_info_from_pb(m: pb.NodeInfo) -> NodeInfo:
-    return NodeInfo(**{f.name: getattr(m, f.name) for f in fields(NodeInfo) if f.name not in ("route", "excluded")},
+    return NodeInfo(**{f.name: getattr(m, f.name) for f in fields(NodeInfo) if f.name not in NODE_INFO_LISTS},
                     route=[hop_from_pb(h) for h in m.route],
                     excluded=[ExcludedPeer(**{f.name: getattr(e, f.name) for f in fields(ExcludedPeer)})
-                              for e in m.excluded])
+                              for e in m.excluded],
+                    banned=list(m.banned))

@@ -61,6 +61,11 @@ def add_generate_command(sub) -> argparse.ArgumentParser:
     where = g.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true", help="run the whole engine in this process")
     where.add_argument("--gateway", metavar="HOST:PORT", help="address of a head node")
+    g.add_argument("--api-key", dest="api_key", default=None,
+                   help="--gateway: the gateway's API key (default: the DSD_API_KEY environment variable)")
+    g.add_argument("--gateway-peer-id", dest="gateway_peer_id", default=None,
+                   help="--gateway: the head's peer id; its TLS certificate must prove it (default: trust the "
+                        "certificate it presents)")
     g.add_argument("--model", default="embedded:target", help="--local: target model (hub id, path, embedded:target)")
     g.add_argument("--drafter", default="embedded:drafter", help="--local: draft model (hub id, path, embedded:drafter, self, oracle:ALPHA)")
     g.add_argument("--stages", type=int, default=2, help="--local: number of pipeline shards to cut (default 2)")

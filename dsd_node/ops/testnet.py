@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +29,37 @@ def free_port() -> int:
 
 
 @dataclass
+class Trust:
+    """How a testnet's nodes trust each other: plain text (--insecure, the default for local testnets), or TLS
+    bound to each node's identity, optionally a private swarm (swarm key) and a gateway API key."""
+
+    tls: bool = False
+    swarm_key: Path | None = None
+    api_key: str | None = None
+
+    @classmethod
+    def private(cls, key_dir: Path, api_key: str | None = None) -> Trust:
+        """TLS, a fresh swarm key in key_dir and (unless given) a fresh API key."""
+        key_dir.mkdir(parents=True, exist_ok=True)
+        swarm = key_dir / "swarm.key"
+        swarm.write_text(secrets.token_hex(32) + "\n")
+        swarm.chmod(0o600)
+        return cls(True, swarm, api_key or secrets.token_urlsafe(24))
+
+    def args(self, head: bool = False) -> list[str]:
+        out = [] if self.tls else ["--insecure"]
+        out += ["--swarm-key", str(self.swarm_key)] if self.swarm_key else []
+        return out + (["--api-key", self.api_key] if head and self.api_key else [])
+
+    def describe(self) -> str:
+        if not self.tls:
+            return "plain text (--insecure): links are not encrypted and callers are not authenticated"
+        swarm = "private swarm (swarm key)" if self.swarm_key else "open swarm (any peer may join)"
+        key = "gateway needs an API key" if self.api_key else "gateway open to any client"
+        return f"TLS, mutually authenticated (libp2p peer ids); {swarm}; {key}"
+
+
+@dataclass
 class NodeSpec:
     name: str
     args: list[str]  # dsd-node arguments
@@ -38,7 +70,7 @@ class NodeSpec:
 
 def plan(stages: int, model: str = "embedded:target", drafter: str | None = "embedded:drafter", threads: int = 1,
          extra: list[str] | None = None, link_delay_ms: float = 0.0, colocate: bool = False,
-         http: str | None = None) -> list[NodeSpec]:
+         http: str | None = None, trust: Trust | None = None, key_dir: Path | None = None) -> list[NodeSpec]:
     """N stages (layers split evenly), a drafter and a head wired by address, the head routing through the stages in order.
 
     colocate: the head runs in the first stage's process with the drafter beside it (one laptop as
@@ -46,6 +78,8 @@ def plan(stages: int, model: str = "embedded:target", drafter: str | None = "emb
     link_delay_ms: every node puts the userspace link emulator in front of its port, so each link
     into a node adds that one-way delay.
     http: the head also serves the OpenAI-compatible API there (HOST:PORT, or auto: a free port on 127.0.0.1).
+    trust: plain text by default; with TLS every node gets its own identity in key_dir and stages may dial
+    only the testnet's own addresses (--dial-allow).
     """
     extra = extra or []
     env = {"DSD_LINK_EMULATOR": "1", "DSD_LINK_DELAY_MS": str(link_delay_ms)} if link_delay_ms > 0 else {}
@@ -63,6 +97,19 @@ def plan(stages: int, model: str = "embedded:target", drafter: str | None = "emb
             head_args += ["--drafter-addr", specs[-1].address]
     head_args += ["--route", ",".join(route), *http_args(http)]
     specs.append(_head(head_args, model, threads, extra, env))
+    return _with_trust(specs, trust or Trust(), key_dir, static=True)
+
+
+def _with_trust(specs: list[NodeSpec], trust: Trust, key_dir: Path | None, static: bool) -> list[NodeSpec]:
+    """Add each node's trust flags (and, wired by address with TLS, an identity of its own and --dial-allow)."""
+    addrs = [s.address for s in specs]
+    for s in specs:
+        head = "head" in s.args[s.args.index("--role") + 1].split(",")
+        s.args += trust.args(head)
+        if static and trust.tls:
+            key_dir = Path(key_dir or tempfile.mkdtemp(prefix="dsd-keys-"))
+            s.args += ["--identity", str(key_dir / f"{s.name}.key")]
+            s.args += [a for addr in addrs for a in ("--dial-allow", addr)]
     return specs
 
 
@@ -75,7 +122,8 @@ def http_args(http: str | None) -> list[str]:
 
 def plan_discovery(stages: int, replicas: int = 1, model: str = "embedded:target", drafter: str | None = "embedded:drafter",
                    threads: int = 1, extra: list[str] | None = None, key_dir: Path | None = None,
-                   announce_ttl: float = 30.0, http: str | None = None, bootstraps: int = 1) -> list[NodeSpec]:
+                   announce_ttl: float = 30.0, http: str | None = None, bootstraps: int = 1,
+                   trust: Trust | None = None) -> list[NodeSpec]:
     """`bootstraps` bootstrap peers, `replicas` copies of each of N shards and of the drafter announcing
     themselves, and a head that finds its route and its drafters through libp2p discovery (nobody is wired
     by address). Every node is given every bootstrap peer, so any one of them may die."""
@@ -109,7 +157,7 @@ def plan_discovery(stages: int, replicas: int = 1, model: str = "embedded:target
             specs.append(_drafter(drafter, model, threads=threads, extra=[*extra, *p2p(name)], name=name))
         head_args += ["--drafter-model", DrafterSpec.parse(drafter, model).source]
     specs.append(_head([*head_args, *p2p("head"), *http_args(http)], model, threads, extra, {}))
-    return specs
+    return _with_trust(specs, trust or Trust(), key_dir, static=False)
 
 
 def _stage(name: str, model: str, a: int, b: int, threads: int, extra: list[str], env: dict[str, str]) -> NodeSpec:
@@ -136,13 +184,15 @@ class Testnet:
     __test__ = False  # not a pytest test class
 
     def __init__(self, specs: list[NodeSpec], log_dir: Path | None = None, quiet: bool = True,
-                 temp_dirs: list[Path] | None = None):
+                 temp_dirs: list[Path] | None = None, tls: bool | None = None):
         """temp_dirs: folders remove_temp_dirs() deletes (e.g. plan_discovery's key_dir), with the log folder
         when it is a temporary one (no log_dir given)."""
         self.specs = specs
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="dsd-testnet-"))
         self.temp_dirs = [Path(d) for d in temp_dirs or []] + ([] if log_dir else [self.log_dir])
         self.quiet = quiet
+        # TLS health checks unless every node is --insecure (tls=None: read it from the specs)
+        self.tls = tls if tls is not None else not all(_insecure(s) for s in specs if s.health == "grpc")
         self.procs: dict[str, subprocess.Popen] = {}
 
     @property
@@ -189,7 +239,7 @@ class Testnet:
                     if spec.health == "tcp":
                         await _wait_tcp(spec.address)
                     else:
-                        await wait_healthy(spec.address, timeout=2)
+                        await wait_healthy(spec.address, timeout=2, tls=self.tls and not _insecure(spec))
                     break
                 except TimeoutError:
                     if time.monotonic() > deadline:
@@ -233,6 +283,12 @@ class Testnet:
     async def __aexit__(self, *exc) -> None:
         self.down()
         self.remove_temp_dirs()
+
+
+def _insecure(spec: NodeSpec) -> bool:
+    """Whether the node runs with plain-text links (--insecure, or DSD_INSECURE in its environment or ours)."""
+    env = spec.env.get("DSD_INSECURE", os.environ.get("DSD_INSECURE", ""))
+    return "--insecure" in spec.args or env.lower() in ("1", "true", "yes", "on")
 
 
 async def _wait_tcp(address: str, timeout: float = 2.0) -> None:

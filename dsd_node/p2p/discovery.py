@@ -71,8 +71,11 @@ class RecordValidator(Validator):
     records; readers check expiry.
     """
 
+    def __init__(self, swarm_key: bytes | None = None):
+        self.swarm_key = swarm_key  # a private swarm's members store no record without its proof
+
     def validate(self, key: str, value: bytes) -> None:
-        rec, _ = decode_signed(value)
+        rec, _ = decode_signed(value, self.swarm_key)
         if record_key(rec.model_id, rec.peer_id) != key:
             raise RecordError(f"record of {rec.peer_id} for {rec.model_id!r} stored under foreign key {key}")
 
@@ -107,22 +110,24 @@ class Discovery(TrioPeer):
         maintain_interval_s: float = 5.0,
         provide_interval_s: float = 30.0,
         require_bootstrap: bool = True,
+        swarm_key: bytes | None = None,
     ) -> None:
         super().__init__(identity, listen_host, listen_port, bootstrap, connect_timeout_s=connect_timeout_s,
                          query_timeout_s=query_timeout_s, maintain_interval_s=maintain_interval_s,
                          require_bootstrap=require_bootstrap)
         self.provide_interval_s = provide_interval_s
+        self.swarm_key = swarm_key  # private swarm: records without its proof are neither stored nor used
         self.invalid_seen = 0  # records dropped by find() as invalid (garbage, forged, expired, ...)
         self._announced: dict[str, NodeRecord] = {}
         self._expired: set[str] = set()  # providers whose newest record was expired at the last find()
         self._provided_at: dict[str, float] = {}
 
     def _configure_dht(self, dht: KadDHT) -> None:
-        dht.register_validator(NAMESPACE, RecordValidator())
+        dht.register_validator(NAMESPACE, RecordValidator(self.swarm_key))
 
     async def announce(self, record: NodeRecord) -> None:
         """Sign ``record`` and publish it (DHT value + provider record for its model)."""
-        blob = sign_record(record, self.identity)
+        blob = sign_record(record, self.identity, swarm_key=self.swarm_key)
         now = time.time()
         provide = now - self._provided_at.get(record.model_id, 0.0) >= self.provide_interval_s
         await self._call(self._t_publish, record.model_id, blob, provide)
@@ -144,7 +149,7 @@ class Discovery(TrioPeer):
         """Replace every announced record with an expired tombstone and stop providing its model."""
         for model_id, rec in list(self._announced.items()):
             tomb = dataclasses.replace(rec, expires_at=time.time(), sessions=0)
-            await self._call(self._t_withdraw, model_id, sign_record(tomb, self.identity))
+            await self._call(self._t_withdraw, model_id, sign_record(tomb, self.identity, swarm_key=self.swarm_key))
         self._announced.clear()
         self._provided_at.clear()
 
@@ -168,7 +173,7 @@ class Discovery(TrioPeer):
             best: tuple[float, bytes] | None = None
             for blob in candidates:
                 try:
-                    rec, signed_at = decode_signed(blob)
+                    rec, signed_at = decode_signed(blob, self.swarm_key)
                     if rec.peer_id != pid or rec.model_id != model_id:
                         raise RecordError(f"record of {rec.peer_id} for {rec.model_id!r} under key of {pid}")
                 except RecordError as exc:
@@ -180,7 +185,8 @@ class Discovery(TrioPeer):
             if best is None:
                 continue
             try:
-                out.append(verify_record(best[1], now=now, expected_model_hash=expected_model_hash))
+                out.append(verify_record(best[1], now=now, expected_model_hash=expected_model_hash,
+                                         swarm_key=self.swarm_key))
                 self._expired.discard(pid)
             except RecordError as exc:
                 log.debug("dropping record of %s: %s", pid, exc)

@@ -18,6 +18,7 @@ from dsd_node import __version__
 from dsd_node.engine.messages import Hop
 from dsd_node.net.exclusion import Exclusions
 from dsd_node.net.grpc_util import Channels, query_info
+from dsd_node.net.tls import TlsIdentityError
 from dsd_node.p2p.discovery import Discovery, parse_listen_multiaddr
 from dsd_node.p2p.identity import load_or_create_identity
 from dsd_node.p2p.records import NodeRecord
@@ -31,10 +32,11 @@ def default_identity_path(role: str) -> Path:
 
 
 async def start_discovery(identity_path: str | None, role: str, listen_p2p: str | None,
-                          bootstrap: list[str]) -> Discovery:
+                          bootstrap: list[str], swarm_key: bytes | None = None) -> Discovery:
     identity = load_or_create_identity(Path(identity_path).expanduser() if identity_path else default_identity_path(role))
     host, port = parse_listen_multiaddr(listen_p2p) if listen_p2p else ("127.0.0.1", 0)
-    d = Discovery(identity, host, port, bootstrap, require_bootstrap=False)  # a node keeps trying to join
+    d = Discovery(identity, host, port, bootstrap, require_bootstrap=False,  # a node keeps trying to join
+                  swarm_key=swarm_key)
     await d.start()
     return d
 
@@ -49,12 +51,17 @@ def make_record(peer_id: str, role: str, model_id: str, model_hash: str, start: 
                       expires_at=time.time() + ttl_s, device=device, dtype=dtype, mem_free_mb=int(mem_free_mb))
 
 
-async def probe_rtt(channels: Channels, address: str, timeout: float = 2.0) -> float | None:
-    """Round trip of an Info call in ms, or None when the node does not answer."""
+async def probe_rtt(channels: Channels, address: str, timeout: float = 2.0, peer_id: str = "") -> float | None:
+    """Round trip of an Info call in ms, or None when the node does not answer (or, with TLS, does not prove
+    the peer id its record names: a forged or stale identity is never routed through)."""
     t0 = time.perf_counter()
     try:
-        await query_info(channels.get(address), timeout=timeout)
-    except grpc.aio.AioRpcError:
+        await query_info(await channels.get(address, peer_id or None), timeout=timeout)
+    except (grpc.aio.AioRpcError, OSError) as e:  # TlsIdentityError is an OSError (ConnectionError)
+        if isinstance(e, TlsIdentityError):
+            log.warning("not routing through %s: %s", address, e)
+        if not isinstance(e, grpc.aio.AioRpcError) or e.code() == grpc.StatusCode.UNAVAILABLE:
+            channels.forget(address)  # a node back at this address presents a new certificate
         return None
     return (time.perf_counter() - t0) * 1e3
 
@@ -65,7 +72,7 @@ async def stage_records(discovery: Discovery, model_id: str, model_hash: str | N
 
 async def probe_all(channels: Channels, records: list[NodeRecord]) -> dict[str, float]:
     """Peer id -> RTT in ms of every record's node that answers now."""
-    rtts = await asyncio.gather(*(probe_rtt(channels, r.grpc_address) for r in records))
+    rtts = await asyncio.gather(*(probe_rtt(channels, r.grpc_address, peer_id=r.peer_id) for r in records))
     return {r.peer_id: rtt for r, rtt in zip(records, rtts, strict=True) if rtt is not None}
 
 
@@ -93,6 +100,7 @@ class RouteFinder:
         self.say = say
         self.exclusions = exclusions or Exclusions()
         self.known: list[NodeRecord] = []  # every stage record found so far (see records())
+        self.banned: set[str] = set()  # peer ids output verification caught (never routed to again)
 
     async def records(self) -> list[NodeRecord]:
         """The stage records found now, plus those found before (a lookup slowed by a dead or frozen peer may
@@ -115,10 +123,10 @@ class RouteFinder:
         while True:
             excluded = self.exclusions.excluded()
             known = await self.records() if lookup or not self.known else list(self.known)
-            records = [r for r in known if r.grpc_address not in excluded]
+            records = [r for r in known if r.grpc_address not in excluded and r.peer_id not in self.banned]
             try:
                 chosen = route_of(records, await probe_all(self.channels, records), self.num_layers, self.model_id)
-                return [Hop(r.grpc_address, r.layer_start, r.layer_end) for r in chosen]
+                return [Hop(r.grpc_address, r.layer_start, r.layer_end, r.peer_id) for r in chosen]
             except RouteError as e:
                 if time.monotonic() >= deadline:
                     if excluded:

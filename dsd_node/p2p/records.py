@@ -3,13 +3,17 @@
 Wire format (msgpack map): ``{"v": 1, "payload": bytes, "pk": bytes, "sig": bytes}`` where
 ``payload`` is a msgpack map of the :class:`NodeRecord` fields plus ``signed_at`` (fields with a
 default, added after version 1 shipped, may be absent and take their default), ``pk`` is the
-signer's libp2p-serialized public key and ``sig`` signs ``DOMAIN + payload``. The exact payload
+signer's libp2p-serialized public key and ``sig`` signs ``DOMAIN + payload``. In a private swarm the map
+also holds ``"swarm"``: an HMAC-SHA256 of ``DOMAIN + payload`` under the swarm key, so members refuse
+records (to store or to use) from anyone without the key. The exact payload
 bytes are signed and verified, so no re-canonicalization is needed on the reading side.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import math
 import time
 from dataclasses import dataclass
@@ -91,7 +95,12 @@ def _check_fields(fields: dict[str, object]) -> NodeRecord:
     return rec
 
 
-def sign_record(record: NodeRecord, identity: Identity, *, signed_at: float | None = None) -> bytes:
+def record_mac(swarm_key: bytes, payload: bytes) -> bytes:
+    return hmac.new(swarm_key, b"dsd-swarm-record\x00" + DOMAIN + payload, hashlib.sha256).digest()
+
+
+def sign_record(record: NodeRecord, identity: Identity, *, signed_at: float | None = None,
+                swarm_key: bytes | None = None) -> bytes:
     """Serialize and sign ``record`` with ``identity`` (which must own ``record.peer_id``)."""
     if record.peer_id != identity.peer_id:
         raise ValueError(f"record peer_id {record.peer_id} is not the signer's peer id {identity.peer_id}")
@@ -100,11 +109,15 @@ def sign_record(record: NodeRecord, identity: Identity, *, signed_at: float | No
     fields["signed_at"] = float(time.time() if signed_at is None else signed_at)
     payload = msgpack.packb(fields, use_bin_type=True)
     sig = identity.sign(DOMAIN + payload)
-    return msgpack.packb({"v": FORMAT_VERSION, "payload": payload, "pk": identity.public_key_bytes, "sig": sig})
+    outer = {"v": FORMAT_VERSION, "payload": payload, "pk": identity.public_key_bytes, "sig": sig}
+    if swarm_key is not None:
+        outer["swarm"] = record_mac(swarm_key, payload)
+    return msgpack.packb(outer)
 
 
-def decode_signed(blob: bytes) -> tuple[NodeRecord, float]:
-    """Check format, signature and signer of ``blob``; return (record, signed_at). No expiry check."""
+def decode_signed(blob: bytes, swarm_key: bytes | None = None) -> tuple[NodeRecord, float]:
+    """Check format, signature, signer (and, with ``swarm_key``, swarm membership) of ``blob``; return
+    (record, signed_at). No expiry check."""
     if not isinstance(blob, bytes | bytearray) or len(blob) > MAX_RECORD_BYTES:
         raise RecordError("record is not bytes or is too large")
     try:
@@ -118,6 +131,10 @@ def decode_signed(blob: bytes) -> tuple[NodeRecord, float]:
         raise RecordError("record lacks payload/pk/sig bytes")
     if not verify_signature(pk, DOMAIN + payload, sig):
         raise RecordError("record signature is invalid")
+    if swarm_key is not None:
+        mac = outer.get("swarm")
+        if not (isinstance(mac, bytes) and hmac.compare_digest(mac, record_mac(swarm_key, payload))):
+            raise RecordError("record lacks a valid proof of the swarm key (not a member of this swarm)")
     try:
         fields = msgpack.unpackb(payload, raw=False)
     except Exception as exc:
@@ -137,14 +154,15 @@ def decode_signed(blob: bytes) -> tuple[NodeRecord, float]:
     return rec, float(signed_at)
 
 
-def verify_record(blob: bytes, *, now: float | None = None, expected_model_hash: str | None = None) -> NodeRecord:
+def verify_record(blob: bytes, *, now: float | None = None, expected_model_hash: str | None = None,
+                  swarm_key: bytes | None = None) -> NodeRecord:
     """Decode and fully check a signed record blob; raise :class:`RecordError` if it must not be used.
 
     Rejects garbage / wrong types / missing fields, a bad signature, a signer whose peer id is not
     ``record.peer_id``, an expired record (``expires_at <= now``) and a ``model_hash`` other than
     ``expected_model_hash`` (when given).
     """
-    rec, _ = decode_signed(blob)
+    rec, _ = decode_signed(blob, swarm_key)
     now = time.time() if now is None else now
     if rec.expires_at <= now:
         raise RecordError(f"record from {rec.peer_id} expired {now - rec.expires_at:.1f} s ago")

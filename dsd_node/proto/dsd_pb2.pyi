@@ -88,14 +88,16 @@ class TreeShape(_message.Message):
     def __init__(self, branch: _Optional[int] = ..., branch_depth: _Optional[int] = ..., max_nodes: _Optional[int] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("address", "layer_start", "layer_end")
+    __slots__ = ("address", "layer_start", "layer_end", "peer_id")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
     address: str
     layer_start: int
     layer_end: int
-    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+    peer_id: str
+    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., peer_id: _Optional[str] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("session_id", "round_id", "epoch", "commits", "base", "tree", "hidden", "sampling", "route", "hop", "reply_to")
@@ -190,7 +192,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("role", "model", "model_hash", "layer_start", "layer_end", "num_layers", "version", "sessions", "max_sessions", "peer_id", "address", "tokens_per_s", "dtype", "route", "excluded")
+    __slots__ = ("role", "model", "model_hash", "layer_start", "layer_end", "num_layers", "version", "sessions", "max_sessions", "peer_id", "address", "tokens_per_s", "dtype", "route", "excluded", "banned")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +208,7 @@ class NodeInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    BANNED_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     model_hash: str
@@ -221,7 +224,8 @@ class NodeInfo(_message.Message):
     dtype: str
     route: _containers.RepeatedCompositeFieldContainer[Hop]
     excluded: _containers.RepeatedCompositeFieldContainer[ExcludedPeer]
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., dtype: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[ExcludedPeer, _Mapping]]] = ...) -> None: ...
+    banned: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ..., sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., peer_id: _Optional[str] = ..., address: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., dtype: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[ExcludedPeer, _Mapping]]] = ..., banned: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExcludedPeer(_message.Message):
     __slots__ = ("address", "reason", "remaining_s", "failures")

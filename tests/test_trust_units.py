@@ -1,0 +1,164 @@
+"""The trust layer's decisions without processes: certificates and call tokens, who may be dialled, and the output
+auditor's majority vote (real keys and certificates; the auditor's replays are scripted opinions)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from dsd_node.engine.messages import Hop
+from dsd_node.engine.verify import SamplingParams
+from dsd_node.net.audit import Auditor, IntegrityError
+from dsd_node.net.dialable import Dialable, NotAnnounced
+from dsd_node.net.tls import (
+    PEER_METADATA,
+    TOKEN_TTL_S,
+    AccessPolicy,
+    AuthError,
+    Membership,
+    NodeTls,
+    TlsIdentityError,
+    peer_of_certificate,
+    read_allow_peers,
+    read_swarm_key,
+)
+from dsd_node.p2p.identity import Identity
+from dsd_node.p2p.records import NodeRecord
+
+
+def der(tls: NodeTls) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_pem_x509_certificate(tls.cert_pem).public_bytes(serialization.Encoding.DER)
+
+
+def test_certificates_prove_the_peer_id_membership_and_allowlist(tmp_path):
+    key = tmp_path / "swarm.key"
+    key.write_text("x" * 64)
+    swarm = Membership(read_swarm_key(key))
+    a, b = NodeTls.create(Identity.generate(), swarm), NodeTls.create(Identity.generate())
+    assert peer_of_certificate(der(a), swarm) == a.peer_id
+    assert peer_of_certificate(der(b), Membership()) == b.peer_id  # open swarm
+    with pytest.raises(TlsIdentityError, match="not a member"):
+        peer_of_certificate(der(b), swarm)
+    allow = tmp_path / "peers.txt"
+    allow.write_text(f"# ours\n{a.peer_id}\n\n")
+    with pytest.raises(TlsIdentityError, match="not on the allowlist"):
+        peer_of_certificate(der(b), Membership(allow=read_allow_peers(allow)))
+    short = tmp_path / "short.key"
+    short.write_text("tiny")
+    with pytest.raises(ValueError, match="too short"):
+        read_swarm_key(short)
+
+
+def test_call_tokens_are_bound_to_the_called_node_and_expire(tmp_path):
+    key = tmp_path / "swarm.key"
+    key.write_text("y" * 64)
+    swarm = Membership(read_swarm_key(key))
+    server, other = NodeTls.create(Identity.generate(), swarm), NodeTls.create(Identity.generate(), swarm)
+    caller, outsider = NodeTls.create(Identity.generate(), swarm), NodeTls.create(Identity.generate())
+    policy = AccessPolicy(server, api_key="k")
+    assert policy.peer_of([(PEER_METADATA, caller.token(server.cert_sha256))]) == caller.peer_id
+    cases = {
+        "no token": ([], grpc.StatusCode.UNAUTHENTICATED, "only dsd nodes"),
+        "made for another node": ([(PEER_METADATA, caller.token(other.cert_sha256))], grpc.StatusCode.UNAUTHENTICATED,
+                                  "bad signature"),
+        "expired": ([(PEER_METADATA, caller.token(server.cert_sha256, now=time.time() - 2 * TOKEN_TTL_S))],
+                    grpc.StatusCode.UNAUTHENTICATED, "expired"),
+        "garbage": ([(PEER_METADATA, "!!")], grpc.StatusCode.UNAUTHENTICATED, "malformed"),
+        "non-member": ([(PEER_METADATA, outsider.token(server.cert_sha256))], grpc.StatusCode.PERMISSION_DENIED,
+                       "not a member"),
+    }
+    for name, (md, code, text) in cases.items():
+        with pytest.raises(AuthError) as e:
+            policy.check("/dsd.v1.Stage/Forward", md)
+        assert e.value.code == code and text in e.value.details, name
+    policy.check("/grpc.health.v1.Health/Check", [])  # open
+    policy.check("/dsd.v1.Node/Info", [])
+    policy.check("/dsd.v1.Gateway/Generate", [("dsd-api-key", "k")])
+    with pytest.raises(AuthError, match="needs an API key"):
+        policy.check("/dsd.v1.Gateway/Generate", [])
+    AccessPolicy(None, None).check("/dsd.v1.Stage/Forward", [])  # --insecure: nothing to check
+
+
+async def test_only_announced_addresses_may_be_dialled():
+    async def lookup():
+        return [("10.0.0.1:6000", "peerA", time.time() + 60), ("10.0.0.2:6000", "gone", time.time() - 1)]
+
+    d = Dialable(lookup, min_gap_s=0.01, miss_wait_s=0.05)
+    await d.check("10.0.0.1:6000", "peerA")
+    await d.check("10.0.0.1:6000")
+    with pytest.raises(NotAnnounced, match="of peer peerB is not an announced peer"):
+        await d.check("10.0.0.1:6000", "peerB")
+    with pytest.raises(NotAnnounced, match="reply_to 10.9.9.9:1 is not an announced peer: refused, not dialled"):
+        await d.check("10.9.9.9:1", what="reply_to")
+    with pytest.raises(NotAnnounced):
+        await d.check("10.0.0.2:6000")  # its record expired
+    await Dialable(static=["1.2.3.4:5"]).check("1.2.3.4:5")
+    with pytest.raises(NotAnnounced):
+        await Dialable(static=["1.2.3.4:5"]).check("1.2.3.4:6")
+    await Dialable().check("anything:1")  # wired by address, nothing configured: unrestricted (said at start-up)
+
+
+async def test_a_lookup_that_misses_a_record_is_retried_before_refusing():
+    lookups = []
+
+    async def flaky():  # a loaded DHT: the first two lookups miss the record
+        lookups.append(1)
+        return [("10.0.0.1:6000", "peerA", time.time() + 60)] if len(lookups) > 2 else []
+
+    await Dialable(flaky, min_gap_s=0.01, miss_wait_s=5.0).check("10.0.0.1:6000", "peerA")
+    assert len(lookups) == 3
+    lookups.clear()
+    with pytest.raises(NotAnnounced):  # and a miss is refused within miss_wait_s, not retried forever
+        await Dialable(flaky, min_gap_s=0.01, miss_wait_s=0.0).check("10.0.0.1:6000", "peerA")
+    assert len(lookups) == 1
+
+
+def _rec(peer: str, a: int = 0, b: int = 8) -> NodeRecord:
+    return NodeRecord(peer, "stage", "m", "h", a, b, 8, f"{peer}:1", "0", 1.0, 0, 4, time.time() + 60)
+
+
+def _auditor(peers: list[str], answers: dict[str, list[int]], **kw) -> tuple[Auditor, list[str]]:
+    banned: list[str] = []
+
+    async def replicas(fresh: bool):
+        return [_rec(p) for p in peers]
+
+    async def replay(route, context, tokens, sampling):
+        return answers[route[0].peer_id]
+
+    return Auditor(replicas, replay, on_ban=banned.append, **kw), banned
+
+
+def hop(peer: str) -> Hop:
+    return Hop(f"{peer}:1", 0, 8, peer)
+
+
+async def test_the_auditor_bans_the_minority_and_refuses_a_caught_round():
+    greedy, good, bad = SamplingParams.create(), [5, 6, 7], [9, 9, 9]
+    # the session's own route is the rogue: two replicas outvote it, the round is not sent
+    a, banned = _auditor(["rogue", "h1", "h2"], {"h1": good, "h2": good})
+    assert a.should_check([hop("rogue")], first_round=True, sampling=greedy)
+    with pytest.raises(IntegrityError, match="failed verification"):
+        await a.check([hop("rogue")], [1, 2], bad, greedy)
+    assert banned == ["rogue"] and {"h1", "h2"} <= a.vouched and a.stats.mismatches == 1
+    # the rogue is the replica asked first (unvouched peers by id): it is banned, the round stands
+    a, banned = _auditor(["h1", "evil", "h2"], {"evil": bad, "h2": good})
+    await a.check([hop("h1")], [1, 2], good, greedy)
+    assert banned == ["evil"] and "h1" in a.vouched
+    # agreement vouches for both; afterwards a vouched route is checked only by chance
+    a, banned = _auditor(["h1", "h2"], {"h2": good}, fraction=0.0001)
+    await a.check([hop("h1")], [1], good, greedy)
+    assert banned == [] and a.vouched == {"h1", "h2"}
+    assert not a.should_check([hop("h1")], first_round=True, sampling=greedy)
+    # nothing to compare with: counted, not refused
+    a, _ = _auditor(["h1"], {})
+    await a.check([hop("h1")], [1], good, greedy)
+    assert a.stats.unverifiable == 1
+    # sampled rounds, or verification off: never checked
+    assert not a.should_check([hop("x")], True, SamplingParams.create(temperature=0.8))
+    assert not _auditor([], {}, fraction=0.0)[0].should_check([hop("x")], True, greedy)
