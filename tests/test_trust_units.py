@@ -3,6 +3,7 @@ auditor's majority vote (real keys and certificates; the auditor's replays are s
 
 from __future__ import annotations
 
+import random
 import time
 
 import grpc
@@ -162,3 +163,16 @@ async def test_the_auditor_bans_the_minority_and_refuses_a_caught_round():
     # sampled rounds, or verification off: never checked
     assert not a.should_check([hop("x")], True, SamplingParams.create(temperature=0.8))
     assert not _auditor([], {}, fraction=0.0)[0].should_check([hop("x")], True, greedy)
+
+
+async def test_the_auditor_reports_each_rounds_result_and_checks_about_its_fraction():
+    greedy, good = SamplingParams.create(), [5, 6, 7]
+    results: list[str] = []
+    a, _ = _auditor(["h1", "h2"], {"h2": good}, fraction=0.25, rng=random.Random(7), on_result=results.append)
+    await a.check([hop("h1")], [1], good, greedy)  # vouches for both
+    checked = sum(a.should_check([hop("h1")], False, greedy) for _ in range(4000))
+    assert results[0] == "agree" and results.count("skipped") == 4000 - checked
+    assert 0.22 < checked / 4000 < 0.28  # binomial(4000, 0.25): 0.25 +/- 0.03 is over 4 standard deviations
+    a, _ = _auditor(["h1"], {}, on_result=results.append)
+    await a.check([hop("h1")], [1], good, greedy)
+    assert results[-1] == "unverifiable"

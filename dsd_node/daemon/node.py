@@ -435,7 +435,9 @@ class Node:
         async def replicas(fresh: bool) -> list[NodeRecord]:
             return await finder.records() if fresh or not finder.known else list(finder.known)
 
-        return Auditor(replicas, self.gateway.replay, self.cfg.verify_fraction, on_ban=finder.banned.add)
+        self.metrics.set_source(self.metrics.banned_peers, lambda: len(finder.banned))
+        return Auditor(replicas, self.gateway.replay, self.cfg.verify_fraction, on_ban=finder.banned.add,
+                       on_result=lambda result: self.metrics.verification.labels(result).inc())
 
     async def serve(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

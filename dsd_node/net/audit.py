@@ -62,13 +62,20 @@ class Auditor:
     banned: dict[str, str] = field(default_factory=dict)  # peer id -> why
     stats: AuditStats = field(default_factory=AuditStats)
     on_ban: Callable[[str], None] | None = None  # e.g. exclude the peer from routing
+    on_result: Callable[[str], None] | None = None  # each round's result: skipped, agree, mismatch, unverifiable
+
+    def _count(self, result: str) -> None:
+        if self.on_result is not None:
+            self.on_result(result)
 
     def should_check(self, route: list[Hop], first_round: bool, sampling: SamplingParams) -> bool:
         if self.fraction <= 0 or sampling.rule == Rule.SAMPLE:
-            return False  # verification off, or sampled rounds (not deterministic: nothing to compare)
-        if first_round and any(h.peer_id not in self.vouched for h in route):
-            return True
-        return self.fraction > 0 and self.rng.random() < self.fraction
+            check = False  # verification off, or sampled rounds (not deterministic: nothing to compare)
+        else:
+            check = (first_round and any(h.peer_id not in self.vouched for h in route)) or self.rng.random() < self.fraction
+        if not check:
+            self._count("skipped")
+        return check
 
     async def check(self, route: list[Hop], context: list[int], tokens: list[int], sampling: SamplingParams) -> None:
         """Compare `route`'s `tokens` with other replicas; IntegrityError when `route` is in the minority."""
@@ -87,6 +94,7 @@ class Auditor:
             alt = self._other_route(records, [route])
         if alt is None:
             self.stats.unverifiable += 1
+            self._count("unverifiable")
             log.warning("cannot verify a round of route %s: no other replica of its layers is announced",
                         " -> ".join(h.address for h in route))
             return
@@ -95,8 +103,10 @@ class Auditor:
         opinions.append((alt, (await self.replay(alt, context, tokens, sampling))[: len(tokens)]))
         if opinions[1][1] == tokens:
             self.vouched.update(h.peer_id for r, _ in opinions for h in r)
+            self._count("agree")
             return
         self.stats.mismatches += 1
+        self._count("mismatch")
         third = self._other_route(records, [route, alt])
         if third is None:  # a tie-breaker the records known lack may have been announced: look again once
             records = [r for r in await self.replicas(True) if r.peer_id not in self.banned]

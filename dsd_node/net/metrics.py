@@ -63,6 +63,10 @@ class NodeMetrics:
                                       registry=r)
         self.queue_length = Gauge("dsd_queue_length", "Stage: rounds received and waiting for compute, all sessions",
                                   registry=r)
+        self.verification = Counter("dsd_verification_rounds", "Head: rounds by output verification result (skipped: "
+                                    "not sampled; agree, mismatch: re-run on independent replicas; unverifiable: "
+                                    "no other replica announced)", ["result"], registry=r)
+        self.banned_peers = Gauge("dsd_banned_peers", "Head: peers banned by output verification", registry=r)
         self.excluded_peers = Gauge("dsd_excluded_peers", "Head: peers excluded from routes after failing",
                                     registry=r)
 
