@@ -176,3 +176,7 @@ async def test_the_auditor_reports_each_rounds_result_and_checks_about_its_fract
     a, _ = _auditor(["h1"], {}, on_result=results.append)
     await a.check([hop("h1")], [1], good, greedy)
     assert results[-1] == "unverifiable"
+    # a replay that fails (the replica is unreachable: []) is no opinion: nobody is banned, the round stands
+    a, banned = _auditor(["h1", "h2"], {"h2": []}, on_result=results.append)
+    await a.check([hop("h1")], [1], good, greedy)
+    assert results[-1] == "unverifiable" and banned == [] and a.stats.mismatches == 0

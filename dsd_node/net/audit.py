@@ -93,15 +93,14 @@ class Auditor:
             records = [r for r in await self.replicas(True) if r.peer_id not in self.banned]
             alt = self._other_route(records, [route])
         if alt is None:
-            self.stats.unverifiable += 1
-            self._count("unverifiable")
-            log.warning("cannot verify a round of route %s: no other replica of its layers is announced",
-                        " -> ".join(h.address for h in route))
-            return
+            return self._unverifiable(route, "no other replica of its layers is announced")
+        second = (await self.replay(alt, context, tokens, sampling))[: len(tokens)]
+        if not second:  # the replay failed (unreachable replica...): no opinion, not a disagreement
+            return self._unverifiable(route, f"the replay on {' -> '.join(h.address for h in alt)} failed")
         self.stats.checks += 1
         self.stats.tokens_checked += len(tokens)
-        opinions.append((alt, (await self.replay(alt, context, tokens, sampling))[: len(tokens)]))
-        if opinions[1][1] == tokens:
+        opinions.append((alt, second))
+        if second == tokens:
             self.vouched.update(h.peer_id for r, _ in opinions for h in r)
             self._count("agree")
             return
@@ -111,8 +110,8 @@ class Auditor:
         if third is None:  # a tie-breaker the records known lack may have been announced: look again once
             records = [r for r in await self.replicas(True) if r.peer_id not in self.banned]
             third = self._other_route(records, [route, alt])
-        if third is not None:
-            opinions.append((third, (await self.replay(third, context, tokens, sampling))[: len(tokens)]))
+        if third is not None and (toks := (await self.replay(third, context, tokens, sampling))[: len(tokens)]):
+            opinions.append((third, toks))  # (a failed replay gives no opinion)
         counts: dict[tuple[int, ...], int] = {}
         for _, toks in opinions:
             counts[tuple(toks)] = counts.get(tuple(toks), 0) + 1
@@ -135,6 +134,11 @@ class Auditor:
         if any(lr is route for lr, _ in losers):
             raise IntegrityError(f"round failed verification: route {' -> '.join(h.address for h in route)} "
                                  f"committed {tokens[:4]}..., independent replicas {list(best)[:4]}...")
+
+    def _unverifiable(self, route: list[Hop], why: str) -> None:
+        self.stats.unverifiable += 1
+        self._count("unverifiable")
+        log.warning("cannot verify a round of route %s: %s", " -> ".join(h.address for h in route), why)
 
     def ban(self, peer_id: str, why: str) -> None:
         if peer_id not in self.banned:
