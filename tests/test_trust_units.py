@@ -26,7 +26,7 @@ from dsd_node.net.tls import (
     read_swarm_key,
 )
 from dsd_node.p2p.identity import Identity
-from dsd_node.p2p.records import NodeRecord
+from dsd_node.p2p.records import NodeRecord, sign_record, verify_record
 
 
 def der(tls: NodeTls) -> bytes:
@@ -117,6 +117,36 @@ async def test_a_lookup_that_misses_a_record_is_retried_before_refusing():
     with pytest.raises(NotAnnounced):  # and a miss is refused within miss_wait_s, not retried forever
         await Dialable(flaky, min_gap_s=0.01, miss_wait_s=0.0).check("10.0.0.1:6000", "peerA")
     assert len(lookups) == 1
+
+
+async def test_a_record_carried_in_band_counts_as_announced_and_is_checked_as_the_dht_checks_it():
+    swarm = b"k" * 32
+    me, other = Identity.generate(), Identity.generate()
+
+    def verify(blob: bytes) -> tuple[str, str, float]:
+        r = verify_record(blob, swarm_key=swarm)
+        return r.grpc_address, r.peer_id, r.expires_at
+
+    def blob(who: Identity, address: str, key: bytes | None = swarm, ttl: float = 60.0) -> bytes:
+        rec = NodeRecord(who.peer_id, "head", "m", "h", 0, 0, 8, address, "0", 0.0, 0, 4, time.time() + ttl)
+        return sign_record(rec, who, swarm_key=key)
+
+    async def nothing():  # the DHT lookup misses every record
+        return []
+
+    d = Dialable(nothing, verify=verify, min_gap_s=0.01, miss_wait_s=0.0)
+    with pytest.raises(NotAnnounced):
+        await d.check("10.0.0.1:6000", me.peer_id, "reply_to")
+    await d.check("10.0.0.1:6000", me.peer_id, "reply_to", blob(me, "10.0.0.1:6000"))
+    await d.check("10.0.0.1:6000", me.peer_id)  # known from then on, until the record expires
+    cases = [(blob(me, "10.0.0.2:6000"), "10.0.0.9:1", ""),  # a record for another address
+             (blob(other, "10.0.0.3:6000"), "10.0.0.3:6000", me.peer_id),  # another peer's record
+             (blob(me, "10.0.0.4:6000", key=None), "10.0.0.4:6000", ""),  # no proof of the swarm key
+             (blob(me, "10.0.0.5:6000", ttl=-1), "10.0.0.5:6000", ""),  # expired
+             (b"\x93garbage", "10.0.0.6:6000", "")]
+    for record, address, peer in cases:
+        with pytest.raises(NotAnnounced, match="refused, not dialled"):
+            await d.check(address, peer, "next stage", record)
 
 
 def _rec(peer: str, a: int = 0, b: int = 8) -> NodeRecord:

@@ -88,7 +88,7 @@ from dsd_node.p2p.peers import (
     start_discovery,
 )
 from dsd_node.p2p.placement import MIB, PlacementError, dtype_bytes, plan_span
-from dsd_node.p2p.records import NodeRecord
+from dsd_node.p2p.records import NodeRecord, RecordError, verify_record
 from dsd_node.p2p.routing import RouteError, build_route
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
@@ -275,6 +275,9 @@ class Node:
         if "head" in self.roles:
             self.gateway = GatewayService(self.address, self.channels, metrics=self.metrics,  # reply_to: last stages
                                           policy=self.policy)
+            if self.discovery is not None:  # the record proving reply_to, sent with each session's first round
+                role = "head" if self.stage is None else "stage"
+                self.gateway.reply_record = lambda: self.discovery.sign(self.record(role))
             rpc.add_GatewayServicer_to_server(self.gateway, self.server)
         rpc.add_NodeServicer_to_server(NodeService(self.describe), self.server)
 
@@ -313,7 +316,13 @@ class Node:
             async def announced() -> list[tuple[str, str, float]]:
                 return [(r.grpc_address, r.peer_id, r.expires_at)
                         for r in await self.discovery.find(self.cfg.model, expected_model_hash=self.model_hash)]
-            dialable = Dialable(announced)
+            def in_band(blob: bytes) -> tuple[str, str, float]:  # a record a round carries: checked as find() does
+                rec = verify_record(blob, expected_model_hash=self.model_hash, swarm_key=self.membership.swarm_key)
+                if rec.model_id != self.cfg.model:
+                    raise RecordError(f"record for model {rec.model_id!r}, not {self.cfg.model!r}")
+                return rec.grpc_address, rec.peer_id, rec.expires_at
+
+            dialable = Dialable(announced, verify=in_band)
             self.tasks.append(asyncio.create_task(dialable.keep_fresh()))  # known before the first round needs it
             return dialable
         if not self.cfg.dial_allow:
@@ -437,7 +446,8 @@ class Node:
 
         self.metrics.set_source(self.metrics.banned_peers, lambda: len(finder.banned))
         return Auditor(replicas, self.gateway.replay, self.cfg.verify_fraction, on_ban=finder.banned.add,
-                       on_result=lambda result: self.metrics.verification.labels(result).inc())
+                       on_result=lambda result: self.metrics.verification.labels(result).inc(),
+                       record_of=lambda peer: self.discovery.signed.get((self.cfg.model, peer), b""))
 
     async def serve(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

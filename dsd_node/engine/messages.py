@@ -16,6 +16,7 @@ class Hop:
     layer_start: int
     layer_end: int
     peer_id: str = ""  # the stage's libp2p peer id: its TLS identity is checked against it ("" with --insecure)
+    record: bytes = field(default=b"", compare=False, repr=False)  # its signed discovery record (see Dialable)
 
 
 @dataclass
@@ -31,6 +32,7 @@ class RoundMsg:
     route: list[Hop] = field(default_factory=list)
     hop: int = 0
     reply_to: str = ""
+    reply_record: bytes = b""  # the head's signed discovery record for reply_to (see Dialable)
 
 
 @dataclass

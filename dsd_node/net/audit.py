@@ -63,6 +63,7 @@ class Auditor:
     stats: AuditStats = field(default_factory=AuditStats)
     on_ban: Callable[[str], None] | None = None  # e.g. exclude the peer from routing
     on_result: Callable[[str], None] | None = None  # each round's result: skipped, agree, mismatch, unverifiable
+    record_of: Callable[[str], bytes] = lambda peer_id: b""  # a peer's signed record (travels with a replay)
 
     def _count(self, result: str) -> None:
         if self.on_result is not None:
@@ -159,7 +160,7 @@ class Auditor:
             cands.sort(key=lambda r: (r.peer_id in self.vouched, r.peer_id))
             if cands:
                 r = cands[0]
-                out.append(Hop(r.grpc_address, r.layer_start, r.layer_end, r.peer_id))
+                out.append(Hop(r.grpc_address, r.layer_start, r.layer_end, r.peer_id, self.record_of(r.peer_id)))
                 replaced = True
             else:
                 out.append(hop)

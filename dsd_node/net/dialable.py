@@ -25,8 +25,8 @@ class Dialable:
 
     def __init__(self, lookup: Callable[[], Awaitable[list[tuple[str, str, float]]]] | None = None,
                  static: list[str] | None = None, refresh_s: float = 5.0, min_gap_s: float = 1.0,
-                 miss_wait_s: float = 3.0):
-        self.lookup, self.static = lookup, set(static or [])
+                 miss_wait_s: float = 3.0, verify: Callable[[bytes], tuple[str, str, float]] | None = None):
+        self.lookup, self.static, self.verify = lookup, set(static or []), verify
         self.refresh_s, self.min_gap_s, self.miss_wait_s = refresh_s, min_gap_s, miss_wait_s
         self._owners: dict[str, dict[str, float]] = {}  # address -> peer id -> record expiry (time.time())
         self._at = float("-inf")
@@ -62,10 +62,22 @@ class Dialable:
                 owners.setdefault(address, {})[peer] = max(expires, owners.get(address, {}).get(peer, 0.0))
             self._owners, self._at = {a: ps for a, ps in owners.items() if ps}, time.monotonic()
 
-    async def check(self, address: str, peer_id: str = "", what: str = "address") -> None:
-        """NotAnnounced unless `address` (owned by `peer_id`, when given) may be dialled."""
+    async def check(self, address: str, peer_id: str = "", what: str = "address", record: bytes = b"") -> None:
+        """NotAnnounced unless `address` (owned by `peer_id`, when given) may be dialled. `record`: the signed
+        discovery record a message carried for it, as good as one found in the DHT (the same checks, by
+        `verify`), so a lookup that misses it (a loaded DHT) costs nothing."""
         if not self.restricted or address in self.static:
             return
+        if record and self.verify is not None and self.lookup is not None:
+            try:
+                owner = self.verify(record)
+            except Exception as e:  # noqa: BLE001 - RecordError, or any garbage: refused like an unknown address
+                raise NotAnnounced(f"{what} {address}: its record is not valid ({e}): refused, not dialled") from None
+            if owner[0] != address or (peer_id and owner[1] != peer_id):
+                raise NotAnnounced(f"{what} {address}: the record it came with is {owner[1]}'s for {owner[0]}: "
+                                   "refused, not dialled")
+            if owner[2] > time.time():
+                self._owners.setdefault(address, {})[owner[1]] = owner[2]
         if self.lookup is not None:
             if self._known(address, peer_id):
                 if time.monotonic() - self._at > self.refresh_s and self._background is None:

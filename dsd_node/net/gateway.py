@@ -84,6 +84,7 @@ class GatewayService(rpc.GatewayServicer):
         self.address, self.channels, self.cfg, self.policy = address, channels, cfg, policy
         self.sessions: dict[str, asyncio.Queue] = {}
         self.last_stage: dict[str, str] = {}  # session -> peer id of its route's last stage (who may send verdicts)
+        self.reply_record: Callable[[], bytes] = bytes  # this head's signed record for reply_to (with discovery)
         self.metrics = metrics or NodeMetrics()
         self.heads: set[Head] = set()  # sessions running now (their rounds in flight are a gauge)
         self.active = 0  # generations running now
@@ -273,7 +274,7 @@ class GatewayService(rpc.GatewayServicer):
         self.sessions[sid], self.last_stage[sid] = verdicts, route[-1].peer_id
         pipe = GrpcPipeline(sid, route, self.address, channel, verdicts,
                             self.cfg.round_timeout_s, self.cfg.deadline, silent=lambda: self._silent(route),
-                            on_round_trip=self.metrics.round_trip.observe)
+                            on_round_trip=self.metrics.round_trip.observe, reply_record=self.reply_record())
         head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
         head.on_tokens = lambda new: emit(new, head)
         failure = None
@@ -309,7 +310,7 @@ class GatewayService(rpc.GatewayServicer):
         try:
             channel = await self.channels.get(route[0].address, route[0].peer_id or None)
             pipe = GrpcPipeline(sid, route, self.address, channel, verdicts, self.cfg.round_timeout_s,
-                                self.cfg.deadline, silent=lambda: self._silent(route))
+                                self.cfg.deadline, silent=lambda: self._silent(route), reply_record=self.reply_record())
             tree = TokenTree.chain(context + tokens[:-1], n_given=len(context))
             await pipe.send(RoundMsg(sid, 0, 0, tree=tree, sampling=sampling))
             return (await pipe.recv()).tokens

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import grpc
 
@@ -71,8 +72,12 @@ class GrpcPipeline:
     def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
                  verdicts: asyncio.Queue, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None,
                  silent: Callable[[], Awaitable[list[str]]] | None = None,
-                 on_round_trip: Callable[[float], None] | None = None):
-        self.session_id, self.route, self.reply_to = session_id, route, reply_to
+                 on_round_trip: Callable[[float], None] | None = None, reply_record: bytes = b""):
+        """route's hops may carry their signed discovery records and reply_record the head's: the first round
+        takes them to the stages, which dial only announced peers (dsd_node.net.dialable); later rounds not."""
+        self.session_id, self.reply_to = session_id, reply_to
+        self.route = [replace(h, record=b"") for h in route]
+        self._first: tuple[list[Hop], bytes] | None = (route, reply_record)
         self.verdicts = verdicts
         self.deadline = deadline or AdaptiveDeadline(cap_s=round_timeout_s, floor_s=min(3.0, round_timeout_s))
         self.silent = silent
@@ -83,6 +88,9 @@ class GrpcPipeline:
 
     async def send(self, msg: RoundMsg) -> None:
         msg.route, msg.hop, msg.reply_to = self.route, 0, self.reply_to
+        if self._first is not None:
+            msg.route, msg.reply_record = self._first
+            self._first = None
         if len(msg.tree):  # a commit-only message gets no verdict
             self._waiting[msg.round_id] = (time.monotonic(), len(msg.tree))
         await self.link.write(round_to_pb(msg))

@@ -209,7 +209,7 @@ class _Outlets:
                     raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, "route ends before the last layer")
                 nxt = out.route[out.hop]
                 try:
-                    await self.dialable.check(nxt.address, nxt.peer_id, "next stage")
+                    await self.dialable.check(nxt.address, nxt.peer_id, "next stage", nxt.record)
                     self.down = StreamLink(nxt.address, await self.channels.get(nxt.address, nxt.peer_id or None))
                 except NotAnnounced as e:
                     raise StreamAbort(grpc.StatusCode.PERMISSION_DENIED, str(e)) from e
@@ -224,7 +224,7 @@ class _Outlets:
         elif isinstance(out, VerdictMsg):
             try:
                 if self.verdicts is None:
-                    await self.dialable.check(msg.reply_to, "", "reply_to")
+                    await self.dialable.check(msg.reply_to, "", "reply_to", msg.reply_record)
                     self.verdicts = rpc.GatewayStub(await self.channels.get(msg.reply_to)).Verdicts()
                 await self.verdicts.write(verdict_to_pb(out))
             except NotAnnounced as e:

@@ -95,7 +95,8 @@ def round_to_pb(r: RoundMsg) -> pb.Round:
         commits=[pb.Commit(round_id=rid, keep=keep) for rid, keep in r.commits],
         base=[pb.BaseRef(round_id=rid, path=path) for rid, path in r.base],
         tree=tree_to_pb(r.tree), hidden=tensor_to_pb(r.hidden) if r.hidden is not None else None,
-        sampling=sampling_to_pb(r.sampling), route=[hop_to_pb(h) for h in r.route], hop=r.hop, reply_to=r.reply_to)
+        sampling=sampling_to_pb(r.sampling), route=[hop_to_pb(h) for h in r.route], hop=r.hop, reply_to=r.reply_to,
+        reply_record=r.reply_record)
 
 
 def round_from_pb(m: pb.Round) -> RoundMsg:
@@ -105,7 +106,7 @@ def round_from_pb(m: pb.Round) -> RoundMsg:
         base=[(b.round_id, list(b.path)) for b in m.base],
         tree=tree_from_pb(m.tree), sampling=sampling_from_pb(m.sampling),
         hidden=tensor_from_pb(m.hidden) if m.HasField("hidden") else None,
-        route=[hop_from_pb(h) for h in m.route], hop=m.hop, reply_to=m.reply_to)
+        route=[hop_from_pb(h) for h in m.route], hop=m.hop, reply_to=m.reply_to, reply_record=m.reply_record)
 
 
 def verdict_to_pb(v: VerdictMsg) -> pb.Verdict:
@@ -118,11 +119,12 @@ def verdict_from_pb(m: pb.Verdict) -> VerdictMsg:
 
 
 def hop_to_pb(h: Hop) -> pb.Hop:
-    return pb.Hop(address=h.address, layer_start=h.layer_start, layer_end=h.layer_end, peer_id=h.peer_id)
+    return pb.Hop(address=h.address, layer_start=h.layer_start, layer_end=h.layer_end, peer_id=h.peer_id,
+                  record=h.record)
 
 
 def hop_from_pb(m: pb.Hop) -> Hop:
-    return Hop(m.address, m.layer_start, m.layer_end, m.peer_id)
+    return Hop(m.address, m.layer_start, m.layer_end, m.peer_id, m.record)
 
 
 def tree_shape_to_pb(s: TreeShape) -> pb.TreeShape:

@@ -118,6 +118,7 @@ class Discovery(TrioPeer):
         self.provide_interval_s = provide_interval_s
         self.swarm_key = swarm_key  # private swarm: records without its proof are neither stored nor used
         self.invalid_seen = 0  # records dropped by find() as invalid (garbage, forged, expired, ...)
+        self.signed: dict[tuple[str, str], bytes] = {}  # (model, peer id) -> the signed blob find() last accepted
         self._announced: dict[str, NodeRecord] = {}
         self._expired: set[str] = set()  # providers whose newest record was expired at the last find()
         self._provided_at: dict[str, float] = {}
@@ -125,9 +126,13 @@ class Discovery(TrioPeer):
     def _configure_dht(self, dht: KadDHT) -> None:
         dht.register_validator(NAMESPACE, RecordValidator(self.swarm_key))
 
+    def sign(self, record: NodeRecord) -> bytes:
+        """`record` signed by this peer (with the swarm's proof in a private swarm), as announce() publishes it."""
+        return sign_record(record, self.identity, swarm_key=self.swarm_key)
+
     async def announce(self, record: NodeRecord) -> None:
         """Sign ``record`` and publish it (DHT value + provider record for its model)."""
-        blob = sign_record(record, self.identity, swarm_key=self.swarm_key)
+        blob = self.sign(record)
         now = time.time()
         provide = now - self._provided_at.get(record.model_id, 0.0) >= self.provide_interval_s
         await self._call(self._t_publish, record.model_id, blob, provide)
@@ -187,6 +192,7 @@ class Discovery(TrioPeer):
             try:
                 out.append(verify_record(best[1], now=now, expected_model_hash=expected_model_hash,
                                          swarm_key=self.swarm_key))
+                self.signed[(model_id, pid)] = best[1]
                 self._expired.discard(pid)
             except RecordError as exc:
                 log.debug("dropping record of %s: %s", pid, exc)

@@ -126,7 +126,9 @@ class RouteFinder:
             records = [r for r in known if r.grpc_address not in excluded and r.peer_id not in self.banned]
             try:
                 chosen = route_of(records, await probe_all(self.channels, records), self.num_layers, self.model_id)
-                return [Hop(r.grpc_address, r.layer_start, r.layer_end, r.peer_id) for r in chosen]
+                signed = self.discovery.signed  # each hop's record travels with the session's first round
+                return [Hop(r.grpc_address, r.layer_start, r.layer_end, r.peer_id,
+                            signed.get((self.model_id, r.peer_id), b"")) for r in chosen]
             except RouteError as e:
                 if time.monotonic() >= deadline:
                     if excluded:

@@ -88,19 +88,21 @@ class TreeShape(_message.Message):
     def __init__(self, branch: _Optional[int] = ..., branch_depth: _Optional[int] = ..., max_nodes: _Optional[int] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("address", "layer_start", "layer_end", "peer_id")
+    __slots__ = ("address", "layer_start", "layer_end", "peer_id", "record")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
     address: str
     layer_start: int
     layer_end: int
     peer_id: str
-    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., peer_id: _Optional[str] = ...) -> None: ...
+    record: bytes
+    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., peer_id: _Optional[str] = ..., record: _Optional[bytes] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("session_id", "round_id", "epoch", "commits", "base", "tree", "hidden", "sampling", "route", "hop", "reply_to")
+    __slots__ = ("session_id", "round_id", "epoch", "commits", "base", "tree", "hidden", "sampling", "route", "hop", "reply_to", "reply_record")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +114,7 @@ class Round(_message.Message):
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     HOP_FIELD_NUMBER: _ClassVar[int]
     REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    REPLY_RECORD_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round_id: int
     epoch: int
@@ -123,7 +126,8 @@ class Round(_message.Message):
     route: _containers.RepeatedCompositeFieldContainer[Hop]
     hop: int
     reply_to: str
-    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., commits: _Optional[_Iterable[_Union[Commit, _Mapping]]] = ..., base: _Optional[_Iterable[_Union[BaseRef, _Mapping]]] = ..., tree: _Optional[_Union[DraftTree, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., hop: _Optional[int] = ..., reply_to: _Optional[str] = ...) -> None: ...
+    reply_record: bytes
+    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., commits: _Optional[_Iterable[_Union[Commit, _Mapping]]] = ..., base: _Optional[_Iterable[_Union[BaseRef, _Mapping]]] = ..., tree: _Optional[_Union[DraftTree, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., hop: _Optional[int] = ..., reply_to: _Optional[str] = ..., reply_record: _Optional[bytes] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("round_id",)
