@@ -23,6 +23,7 @@ import grpc
 
 from dsd_node.engine.config import ErrorCode, GenerationConfig, GenerationError, Stats
 from dsd_node.engine.head import DraftSource, Head
+from dsd_node.engine.hop_trace import HopTrace
 from dsd_node.engine.limits import Limits
 from dsd_node.engine.messages import Hop
 from dsd_node.net.admission import Admission, Busy
@@ -81,6 +82,7 @@ class GatewayService(rpc.GatewayServicer):
         self.metrics.set_source(self.metrics.rounds_in_flight, lambda: sum(len(h.inflight) for h in self.heads))
         self.metrics.set_source(self.metrics.active_sessions.labels("head"), lambda: self.active)
         self._admission: Admission | None = None
+        self.trace = HopTrace.from_env("head")  # per-round timestamps (DSD_HOP_TRACE; hop_profile)
 
     @property
     def route(self) -> list[Hop]:
@@ -248,7 +250,7 @@ class GatewayService(rpc.GatewayServicer):
         route = self.cfg.route
         pipe = GrpcPipeline(sid, route, self.address, self.channels.get(route[0].address), verdicts,
                             self.cfg.round_timeout_s, self.cfg.deadline, silent=lambda: self._silent(route),
-                            on_round_trip=self.metrics.round_trip.observe)
+                            on_round_trip=self.metrics.round_trip.observe, trace=self.trace)
         head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
         head.on_tokens = lambda new: emit(new, head)
         failure = None
@@ -264,6 +266,7 @@ class GatewayService(rpc.GatewayServicer):
         finally:
             self.heads.discard(head)
             self.sessions.pop(sid, None)
+            self.trace.flush()
             await pipe.close(cancel=not finished)
             end = getattr(self.cfg.drafter, "end_session", None)
             if end is not None:
@@ -276,6 +279,7 @@ class GatewayService(rpc.GatewayServicer):
     async def Verdicts(self, request_iterator, context):
         try:
             async for m in request_iterator:
+                self.trace.mark(m.session_id, m.round_id, "verdict_in")
                 q = self.sessions.get(m.session_id)
                 if q is None:
                     await refuse(context, grpc.StatusCode.NOT_FOUND, f"unknown session id {m.session_id!r}")

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from dsd_node.engine.config import ErrorCode, GenerationError
+from dsd_node.engine.hop_trace import HopTrace
 from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
 from dsd_node.net.deadline import AdaptiveDeadline
 from dsd_node.net.grpc_util import error_code
@@ -71,7 +72,7 @@ class GrpcPipeline:
     def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
                  verdicts: asyncio.Queue, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None,
                  silent: Callable[[], Awaitable[list[str]]] | None = None,
-                 on_round_trip: Callable[[float], None] | None = None):
+                 on_round_trip: Callable[[float], None] | None = None, trace: HopTrace | None = None):
         self.session_id, self.route, self.reply_to = session_id, route, reply_to
         self.verdicts = verdicts
         self.deadline = deadline or AdaptiveDeadline(cap_s=round_timeout_s, floor_s=min(3.0, round_timeout_s))
@@ -80,12 +81,17 @@ class GrpcPipeline:
         self._waiting: dict[int, tuple[float, int]] = {}  # round id -> (sent at, tree nodes), in send order
         self._grace_until = 0.0  # the stages answered at the last deadline: wait on until then
         self.on_round_trip = on_round_trip  # seconds from a round's send to its verdict (metrics)
+        self.trace = trace or HopTrace(None, "head")
 
     async def send(self, msg: RoundMsg) -> None:
+        self.trace.mark(self.session_id, msg.round_id, "send")
         msg.route, msg.hop, msg.reply_to = self.route, 0, self.reply_to
         if len(msg.tree):  # a commit-only message gets no verdict
             self._waiting[msg.round_id] = (time.monotonic(), len(msg.tree))
-        await self.link.write(round_to_pb(msg))
+        m = round_to_pb(msg)
+        self.trace.mark(self.session_id, msg.round_id, "encoded")
+        await self.link.write(m)
+        self.trace.mark(self.session_id, msg.round_id, "written")
 
     def _timeout(self) -> float:
         if not self._waiting:
@@ -116,6 +122,7 @@ class GrpcPipeline:
             if get in done:
                 v = get.result()
                 self._answered(v.round_id)
+                self.trace.mark(self.session_id, v.round_id, "verdict")
                 return v
             if self.link.failed in done:
                 code, details = self.link.failed.result()

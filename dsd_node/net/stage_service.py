@@ -17,6 +17,7 @@ import time
 import grpc
 
 from dsd_node.engine.config import GenerationError
+from dsd_node.engine.hop_trace import HopTrace
 from dsd_node.engine.memory import MemoryReturner
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.shard_runner import SessionLimitError
@@ -29,6 +30,11 @@ from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
 log = logging.getLogger("dsd.stage")
+
+# A round of at most INLINE_MAX_NODES tree nodes runs on the event loop itself while such rounds take under
+# INLINE_MAX_MS here (a running mean): a worker thread's two hops cost more than a tiny model's forward. Longer
+# rounds (a big model, a long prompt) run on a worker thread, so the loop stays free for other streams.
+INLINE_MAX_NODES, INLINE_MAX_MS = 64, 20.0
 
 
 class StreamAbort(Exception):
@@ -51,6 +57,7 @@ class StageService(rpc.StageServicer):
         sh = handler.runner.shard
         self.layers = f"{sh.start}:{sh.end}"
         self.queues: set[asyncio.Queue] = set()  # one per open Forward stream: rounds waiting for compute
+        self.inline_ms = 0.0  # running mean of the time small rounds take (INLINE_MAX_MS)
         self.metrics.set_source(self.metrics.queue_length, lambda: sum(q.qsize() for q in self.queues))
         self.metrics.set_source(self.metrics.active_sessions.labels("stage"), lambda: len(handler.runner.sessions))
 
@@ -58,12 +65,16 @@ class StageService(rpc.StageServicer):
         queue: asyncio.Queue[RoundMsg | StreamAbort | None] = asyncio.Queue()
         sid: list[str] = []  # the stream's session, once its first round names it
         closed: list[bool] = []  # set when the handler ends: a session the reader opens after that is freed at once
+        trace = self.handler.trace
 
         async def read() -> None:
             end: StreamAbort | None = None
             try:
                 async for m in request_iterator:
+                    t = time.perf_counter()
                     msg = round_from_pb(m)
+                    trace.mark(msg.session_id, msg.round_id, "recv", t)
+                    trace.mark(msg.session_id, msg.round_id, "decoded")
                     if not sid:
                         if not msg.session_id:
                             raise WireError("round without a session id")
@@ -90,7 +101,7 @@ class StageService(rpc.StageServicer):
             queue.put_nowait(end)  # None: the caller closed the stream
 
         reader = asyncio.create_task(read())
-        out = _Outlets(self.channels)
+        out = _Outlets(self.channels, trace)
         problem: StreamAbort | None = None
         self.queues.add(queue)
         idle_since = time.monotonic()  # the last new work: commit-only messages do not count
@@ -103,6 +114,7 @@ class StageService(rpc.StageServicer):
                 if isinstance(msg, StreamAbort):
                     problem = msg
                     break
+                trace.mark(msg.session_id, msg.round_id, "dequeued")
                 try:
                     await out.send(msg, await self._handle(msg))
                 except StreamAbort as e:
@@ -119,6 +131,7 @@ class StageService(rpc.StageServicer):
         finally:
             self.queues.discard(queue)
             closed.append(True)
+            trace.flush()
             if sid:  # first, before any await: a cancelled handler must still free the session
                 self.handler.end_session(sid[0])
                 self.memory.freed()
@@ -131,10 +144,18 @@ class StageService(rpc.StageServicer):
 
     async def _handle(self, msg: RoundMsg) -> RoundMsg | VerdictMsg | None:
         t0 = time.perf_counter()
+        small = len(msg.tree) <= INLINE_MAX_NODES
         try:
-            out = await asyncio.to_thread(self.handler.handle, msg, False)
+            if small and self.inline_ms < INLINE_MAX_MS:
+                out = self.handler.handle(msg, False)
+            else:
+                out = await asyncio.to_thread(self.handler.handle, msg, False)
+            self.handler.trace.mark(msg.session_id, msg.round_id, "handled")
             if msg.tree.tokens:
-                self.metrics.stage_round(self.layers, time.perf_counter() - t0)
+                dt = time.perf_counter() - t0
+                self.metrics.stage_round(self.layers, dt)
+                if small:
+                    self.inline_ms = 0.8 * self.inline_ms + 0.2 * dt * 1e3
             return out
         except BadRound as e:
             raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
@@ -173,8 +194,8 @@ class StageService(rpc.StageServicer):
 class _Outlets:
     """Where one stream's results go: the next stage's Forward stream, or the gateway's Verdicts stream."""
 
-    def __init__(self, channels: Channels):
-        self.channels = channels
+    def __init__(self, channels: Channels, trace: HopTrace):
+        self.channels, self.trace = channels, trace
         self.down: StreamLink | None = None
         self.verdicts = None
 
@@ -186,16 +207,22 @@ class _Outlets:
                 nxt = out.route[out.hop].address
                 self.down = StreamLink(nxt, self.channels.get(nxt))
             try:
-                await self.down.write(round_to_pb(out))
+                m = round_to_pb(out)
+                self.trace.mark(msg.session_id, msg.round_id, "encoded")
+                await self.down.write(m)
             except GenerationError as e:
                 raise StreamAbort(grpc.StatusCode[e.code.name], str(e)) from e
+            self.trace.mark(msg.session_id, msg.round_id, "written")
         elif isinstance(out, VerdictMsg):
             try:
                 if self.verdicts is None:
                     self.verdicts = rpc.GatewayStub(self.channels.get(msg.reply_to)).Verdicts()
-                await self.verdicts.write(verdict_to_pb(out))
+                m = verdict_to_pb(out)
+                self.trace.mark(msg.session_id, msg.round_id, "encoded")
+                await self.verdicts.write(m)
             except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
                 raise StreamAbort(grpc.StatusCode.UNAVAILABLE, f"gateway {msg.reply_to} unreachable: {e}") from e
+            self.trace.mark(msg.session_id, msg.round_id, "written")
 
     async def close(self, cancel: bool) -> None:
         if self.down is not None:
