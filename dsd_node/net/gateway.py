@@ -30,6 +30,7 @@ from dsd_node.net.admission import Admission, Busy
 from dsd_node.net.deadline import AdaptiveDeadline
 from dsd_node.net.exclusion import Exclusions
 from dsd_node.net.grpc_util import Channels, query_info
+from dsd_node.net.mailbox import Mailbox
 from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import GrpcPipeline
 from dsd_node.net.wire import ExcludedPeer, WireError, generation_config_from_pb, stats_to_pb, verdict_from_pb
@@ -75,7 +76,7 @@ class GatewayService(rpc.GatewayServicer):
     def __init__(self, address: str, channels: Channels, cfg: GatewayConfig | None = None,
                  metrics: NodeMetrics | None = None):
         self.address, self.channels, self.cfg = address, channels, cfg
-        self.sessions: dict[str, asyncio.Queue] = {}
+        self.sessions: dict[str, Mailbox] = {}
         self.metrics = metrics or NodeMetrics()
         self.heads: set[Head] = set()  # sessions running now (their rounds in flight are a gauge)
         self.active = 0  # generations running now
@@ -245,7 +246,7 @@ class GatewayService(rpc.GatewayServicer):
                            emit) -> tuple[Head, GenerationError | None, list[Hop]]:
         """One pipeline session; returns the head, the failure (if any) and the route it took."""
         sid = uuid.uuid4().hex
-        verdicts: asyncio.Queue = asyncio.Queue()
+        verdicts: Mailbox = Mailbox()
         self.sessions[sid] = verdicts
         route = self.cfg.route
         pipe = GrpcPipeline(sid, route, self.address, self.channels.get(route[0].address), verdicts,

@@ -14,6 +14,7 @@ from dsd_node.engine.hop_trace import HopTrace
 from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
 from dsd_node.net.deadline import AdaptiveDeadline
 from dsd_node.net.grpc_util import error_code
+from dsd_node.net.mailbox import Mailbox
 from dsd_node.net.wire import round_to_pb
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
@@ -69,8 +70,10 @@ class GrpcPipeline:
     answer now: if any, the round fails at once (a hung stage costs seconds); if all answer (a slow, loaded
     stage), the wait goes on, deadline by deadline, up to the deadline's cap."""
 
+    async_send = True  # send returns once the round is written to the first stage (see engine.head.Pipeline)
+
     def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
-                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None,
+                 verdicts: Mailbox, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None,
                  silent: Callable[[], Awaitable[list[str]]] | None = None,
                  on_round_trip: Callable[[float], None] | None = None, trace: HopTrace | None = None):
         self.session_id, self.route, self.reply_to = session_id, route, reply_to
@@ -112,19 +115,12 @@ class GrpcPipeline:
     async def recv(self) -> VerdictMsg:
         while True:
             timeout = self._timeout()
-            get = asyncio.ensure_future(self.verdicts.get())
-            try:
-                done, _ = await asyncio.wait({get, self.link.failed}, timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
-            finally:  # also when the generation is cancelled: no pending task left behind ("Task was destroyed")
-                if not get.done():
-                    get.cancel()
-            if get in done:
-                v = get.result()
+            if await self.verdicts.wait(timeout, self.link.failed):
+                v = self.verdicts.get_nowait()
                 self._answered(v.round_id)
                 self.trace.mark(self.session_id, v.round_id, "verdict")
                 return v
-            if self.link.failed in done:
+            if self.link.failed.done():
                 code, details = self.link.failed.result()
                 raise GenerationError(f"pipeline failed: {code.name}: {details}", error_code(code))
             now = time.monotonic()

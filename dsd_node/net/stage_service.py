@@ -23,6 +23,7 @@ from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.shard_runner import SessionLimitError
 from dsd_node.engine.stage import BadRound, SessionExists, StageHandler
 from dsd_node.net.grpc_util import Channels
+from dsd_node.net.mailbox import Mailbox
 from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import StreamLink
 from dsd_node.net.wire import WireError, round_from_pb, round_to_pb, verdict_to_pb
@@ -56,13 +57,13 @@ class StageService(rpc.StageServicer):
         self.metrics = metrics or NodeMetrics()
         sh = handler.runner.shard
         self.layers = f"{sh.start}:{sh.end}"
-        self.queues: set[asyncio.Queue] = set()  # one per open Forward stream: rounds waiting for compute
+        self.queues: set[Mailbox] = set()  # one per open Forward stream: rounds waiting for compute
         self.inline_ms = 0.0  # running mean of the time small rounds take (INLINE_MAX_MS)
         self.metrics.set_source(self.metrics.queue_length, lambda: sum(q.qsize() for q in self.queues))
         self.metrics.set_source(self.metrics.active_sessions.labels("stage"), lambda: len(handler.runner.sessions))
 
     async def Forward(self, request_iterator, context):
-        queue: asyncio.Queue[RoundMsg | StreamAbort | None] = asyncio.Queue()
+        queue: Mailbox[RoundMsg | StreamAbort | None] = Mailbox()
         sid: list[str] = []  # the stream's session, once its first round names it
         closed: list[bool] = []  # set when the handler ends: a session the reader opens after that is freed at once
         trace = self.handler.trace
@@ -164,19 +165,10 @@ class StageService(rpc.StageServicer):
         except Exception as e:  # a round that breaks the shard: the stream fails with a status, not silence
             raise StreamAbort(grpc.StatusCode.INTERNAL, f"round {msg.round_id} failed: {type(e).__name__}: {e}") from e
 
-    async def _next(self, queue: asyncio.Queue, down: StreamLink | None, expires: float
-                    ) -> RoundMsg | StreamAbort | None:
+    async def _next(self, queue: Mailbox, down: StreamLink | None, expires: float) -> RoundMsg | StreamAbort | None:
         """The next message of the stream; an abort when the next stage failed or the session idled too long."""
-        get = asyncio.ensure_future(queue.get())
-        waits = {get, down.failed} if down is not None else {get}
-        try:
-            done, _ = await asyncio.wait(waits, timeout=max(0.0, expires - time.monotonic()),
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not get.done():
-                get.cancel()
-        if get in done:
-            return get.result()
+        if await queue.wait(max(0.0, expires - time.monotonic()), down.failed if down is not None else None):
+            return queue.get_nowait()
         if down is not None and down.failed.done():
             code, details = down.failed.result()
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # back-pressure, not a fault of the next stage
