@@ -156,8 +156,8 @@ async def _run(args, variants: list[Variant], prompt_ids: list[list[int]], hf_mo
         trace.mkdir(parents=True, exist_ok=True)
         for s in specs:
             s.env[ENV] = str(trace)
-            if v.tree:
-                s.env["PYTHONPATH"] = v.tree
+            if v.tree:  # that tree's code, not the working directory's (`python -m` puts the cwd first)
+                s.env.update({"PYTHONPATH": v.tree, "PYTHONSAFEPATH": "1"})
             if v.emulator:
                 s.env.update({"DSD_LINK_EMULATOR": "1", "DSD_LINK_DELAY_MS": "0"})
         v.net = testnet.Testnet(specs, log_dir=args.out / "logs" / v.name)
@@ -198,6 +198,14 @@ def format_tables(result: dict) -> str:
     for name, v in result["variants"].items():
         for mode, r in v["modes"].items():
             lines.append(f"| {name} | {mode} | {r['ms_per_token']:.2f} | {r['vs_hf']:.2f}x | {r['cpu_ms_per_token']:.2f} |")
+    modes = dict.fromkeys(m for v in result["variants"].values() for m in v["modes"])
+    for mode in modes:  # the variants side by side, one column each
+        traced = {n: v["breakdown"][mode] for n, v in result["variants"].items() if v["breakdown"].get(mode)}
+        if len(traced) > 1:
+            cats = next(iter(traced.values()))["summary_ms"]
+            lines += ["", f"{mode}: ms per round, side by side", "",
+                      "| cost | " + " | ".join(traced) + " |", "|---" * (len(traced) + 1) + "|"]
+            lines += [f"| {c} | " + " | ".join(f"{b['summary_ms'][c]:.3f}" for b in traced.values()) + " |" for c in cats]
     for name, v in result["variants"].items():
         for mode, b in v.get("breakdown", {}).items():
             if b is None:
