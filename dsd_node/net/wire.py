@@ -37,11 +37,9 @@ def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
     name = DTYPE_NAMES.get(t.dtype)
     if name is None:
         raise WireError(f"cannot send a {t.dtype} tensor (wire dtypes: {', '.join(WIRE_DTYPES)})")
-    if t.device.type != "cpu":
-        t = t.detach().cpu()
-    t = t.detach().contiguous()
+    t = t.detach().to("cpu").contiguous()
     data = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
-    return pb.Tensor(data=data, dtype=name, shape=t.shape)
+    return pb.Tensor(data=data, dtype=name, shape=list(t.shape))
 
 
 def tensor_from_pb(m: pb.Tensor) -> torch.Tensor:
