@@ -119,3 +119,31 @@ def test_protocol_errors_leave_the_cache_untouched():
     assert set(cache.segments) == {1} and cache.segment_len == {1: 4} and cache.committed_len == 3
     cache.commit(1, [3])
     assert committed(cache)[0] == [0, 1, 2, 13]
+
+
+def test_one_node_rounds_commit_the_joined_pass_and_match_the_general_path():
+    """ar's rounds (one node, no base) commit the keys their own pass joined; the result is the same prefix the
+    index_select path builds, also when a round with a base or a dropped round comes in between."""
+    fast = TreeKVCache()
+    run(fast, 0, [], 3)
+    fast.commit(0, [0, 1, 2])
+    for rid in range(1, 4):
+        run(fast, rid, [], 1)
+        fast.commit(rid, [0])
+    assert committed(fast)[0] == [0, 1, 2, 10, 20, 30]
+    joined = fast.committed[0][0]
+    run(fast, 4, [], 1)
+    fast.commit(4, [0])
+    assert fast.committed[0][0].shape[2] == 7 and committed(fast)[1] == [1000, 1001, 1002, 1010, 1020, 1030, 1040]
+    assert fast.committed[0][0] is not joined
+    run(fast, 5, [], 1)  # a one-node round, then a round built on it (dsi): the joined pass no longer applies
+    run(fast, 6, [(5, [0])], 2)
+    fast.commit(5, [0])
+    fast.commit(6, [1])
+    assert committed(fast)[0] == [0, 1, 2, 10, 20, 30, 40, 50, 61]
+    run(fast, 7, [], 1)  # dropped, then a new round commits normally
+    assert fast.retain(set()) == [7] and fast._joined is None
+    run(fast, 8, [], 1)
+    fast.commit(8, [0])
+    assert committed(fast)[0] == [0, 1, 2, 10, 20, 30, 40, 50, 61, 80]
+    assert fast.committed_len == 10

@@ -34,7 +34,7 @@ from dsd_node.engine.config import TreeShape
 from dsd_node.engine.device import make_generator
 from dsd_node.engine.models import load_shard
 from dsd_node.engine.shard_runner import run_shard
-from dsd_node.engine.tree import SparseDist, TokenTree, tree_attention
+from dsd_node.engine.tree import SparseDist, TokenTree, attention_inputs
 from dsd_node.engine.verify import Rule, SamplingParams, target_probs
 
 
@@ -95,7 +95,7 @@ class Drafter:
 
     def _feed(self, s: _DraftSession, tokens: list[int]) -> torch.Tensor:
         """Run `tokens` after the session's cached ones; the float logits after the last, on the device."""
-        mask, pos = tree_attention(list(range(-1, len(tokens) - 1)), len(s.tokens), self.dtype, self.device)
+        mask, pos = attention_inputs(list(range(-1, len(tokens) - 1)), len(s.tokens), self.dtype, self.device)
         logits = run_shard(self.shard, s.cache, mask, pos, tokens=tokens)
         s.tokens.extend(tokens)
         return logits[-1]

@@ -29,6 +29,8 @@ from dsd_node.engine.tree import TokenTree
 
 
 class Pipeline(Protocol):
+    # async_send (optional, False): send returns once the round is on its way, not when it is computed; the head
+    # then sends the next round before it streams the tokens of a verdict to its client
     async def send(self, msg: RoundMsg) -> None: ...
     async def recv(self) -> VerdictMsg: ...
 
@@ -71,6 +73,7 @@ class Head:
         self.commits: list[tuple[int, list[int]]] = []
         self.drafter_down = False  # the last draft failed: rounds go without one, one at a time
         self.valid_rate = 0.5  # running rate of rounds a successor could build on (drives the dsi depth)
+        self.pipe_async = getattr(pipeline, "async_send", False)  # send returns before the round is computed
 
     @property
     def generated(self) -> list[int]:
@@ -177,14 +180,14 @@ class Head:
         await self._send_round(prompt)
         emitted = 0
         while True:
-            while len(self.inflight) < self._depth_limit() and \
-                    len(self.generated) + self._speculated() < self.cfg.max_new_tokens:
-                await self._send_round(None)  # dsi: more rounds on top of those in flight
+            await self._fill()
             v = await self.pipe.recv()
             if not self.inflight or v.round_id != self.inflight[0].round_id:
                 continue  # a verdict for a round already given up (an older epoch)
             self._on_verdict(v)
             out = self.trimmed()
+            if self.pipe_async and not self._done():  # the next round first: it travels while the client gets these
+                await self._fill()
             if self.on_tokens and len(out) > emitted:
                 await self.on_tokens(out[emitted:])
             emitted = len(out)
@@ -193,6 +196,12 @@ class Head:
         self.stats.new_tokens = len(self.trimmed())
         self.stats.wall_ms = (time.perf_counter() - t0) * 1e3
         return self.trimmed()
+
+    async def _fill(self) -> None:
+        """Send rounds until the number in flight reaches the limit (dsi: more rounds on top of those in flight)."""
+        while len(self.inflight) < self._depth_limit() and \
+                len(self.generated) + self._speculated() < self.cfg.max_new_tokens:
+            await self._send_round(None)
 
     def trimmed(self) -> list[int]:
         gen = self.generated[: self.cfg.max_new_tokens]

@@ -35,6 +35,9 @@ class TreeKVCache:
     device: torch.device | None = None  # where index tensors are made (None: the CPU)
     _round: int | None = None
     _base: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    # a one-node round on the committed prefix alone (ar's rounds): round id, committed length it saw, and per
+    # layer the joined keys/values its update returned, which are exactly the committed prefix after its commit
+    _joined: tuple[int, int, dict[int, KV]] | None = None
 
     def _index(self, nodes: list[int], like: torch.Tensor | None = None) -> torch.Tensor:
         return torch.tensor(nodes, dtype=torch.long, device=like.device if like is not None else self.device)
@@ -53,6 +56,7 @@ class TreeKVCache:
         self._round = round_id
         self.segments[round_id] = {}
         self.segment_len[round_id] = n_nodes
+        self._joined = (round_id, self.committed_len, {}) if n_nodes == 1 and not base else None
         return ctx
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs) -> KV:
@@ -70,7 +74,10 @@ class TreeKVCache:
             vs.append(v.index_select(2, path))
         ks.append(key)
         vs.append(value)
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+        out = (torch.cat(ks, dim=2), torch.cat(vs, dim=2)) if len(ks) > 1 else (key, value)
+        if self._joined is not None and self._joined[0] == self._round:
+            self._joined[2][layer_idx] = out
+        return out
 
     def commit(self, round_id: int, keep: list[int]) -> None:
         """Append the kept nodes of `round_id` to the committed prefix and drop the rest of its segment."""
@@ -78,6 +85,14 @@ class TreeKVCache:
             raise CacheError(f"cannot commit round {round_id}: this shard holds no such round")
         if keep and max(keep) >= self.segment_len[round_id]:
             raise CacheError(f"commit of round {round_id} keeps node {max(keep)} of {self.segment_len[round_id]}")
+        joined, self._joined = self._joined, None
+        if joined is not None and joined[0] == round_id and joined[1] == self.committed_len and keep == [0] \
+                and joined[2].keys() == self.segments[round_id].keys():
+            self.segments.pop(round_id)  # the joined keys/values of its pass are the new committed prefix
+            self.committed.update(joined[2])
+            del self.segment_len[round_id]
+            self.committed_len += 1
+            return
         idx = None
         for layer, (k, v) in self.segments.pop(round_id).items():
             if idx is None or idx.device != k.device:
@@ -93,6 +108,8 @@ class TreeKVCache:
     def retain(self, round_ids: set[int]) -> list[int]:
         """Drop every tentative segment not in `round_ids` (rolled-back rounds); returns the dropped ids."""
         dropped = [rid for rid in self.segments if rid not in round_ids]
+        if self._joined is not None and self._joined[0] in dropped:
+            self._joined = None
         for rid in dropped:
             del self.segments[rid]
             del self.segment_len[rid]

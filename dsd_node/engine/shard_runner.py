@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsd_node.engine.hop_trace import HopTrace
 from dsd_node.engine.kv_cache import TreeKVCache
 from dsd_node.engine.models import Shard
-from dsd_node.engine.tree import TokenTree, tree_attention
+from dsd_node.engine.tree import TokenTree, attention_inputs
 from dsd_node.engine.verify import VerifierSession
 
 
@@ -73,15 +74,20 @@ class ShardRunner:
 
     @torch.inference_mode()
     def forward(self, session_id: str, round_id: int, base: list[tuple[int, list[int]]], tree: TokenTree,
-                hidden: torch.Tensor | None = None, create: bool = True) -> torch.Tensor:
+                hidden: torch.Tensor | None = None, create: bool = True, trace: HopTrace | None = None) -> torch.Tensor:
         sh = self.shard
         cache = self.session(session_id, create).cache
         ctx = cache.begin(round_id, base, len(tree))
-        mask, pos = tree_attention(tree.parents, ctx, sh.dtype, sh.device)
-        return run_shard(sh, cache, mask, pos, tokens=tree.tokens, hidden=hidden)
+        mask, pos = attention_inputs(tree.parents, ctx, sh.dtype, sh.device)
+        if trace is not None:
+            trace.mark(session_id, round_id, "mask")
+        out = run_shard(sh, cache, mask, pos, tokens=tree.tokens, hidden=hidden)
+        if trace is not None:
+            trace.mark(session_id, round_id, "forward")
+        return out
 
 
-def run_shard(sh: Shard, cache, mask: torch.Tensor, pos: torch.Tensor, tokens: list[int] | None = None,
+def run_shard(sh: Shard, cache, mask: torch.Tensor | None, pos: torch.Tensor, tokens: list[int] | None = None,
               hidden: torch.Tensor | None = None) -> torch.Tensor:
     """One pass of a shard over new positions (mask and positions from tree_attention), on the shard's device.
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from dsd_node.engine.hop_trace import HopTrace
 from dsd_node.engine.limits import Limits
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.models import max_positions
@@ -38,6 +39,7 @@ class StageHandler:
         self.positions = max_positions(runner.shard)
         self._low_importance_fn = low_importance
         self._low_importance: torch.Tensor | None = None
+        self.trace = HopTrace.from_env(f"stage{runner.shard.start}:{runner.shard.end}")
 
     def low_importance(self) -> torch.Tensor | None:
         if self._low_importance is None and self._low_importance_fn is not None:
@@ -107,7 +109,10 @@ class StageHandler:
         """Run one round. Returns the message for the next stage, the verdict (last stage), or None.
 
         create=False: the session must exist already (a stream that owns it may have freed it meanwhile)."""
+        tr = self.trace
+        tr.mark(msg.session_id, msg.round_id, "handle")
         self.check(msg)
+        tr.mark(msg.session_id, msg.round_id, "checked")
         sh = self.runner.shard
         sess = self.runner.session(msg.session_id, create)
         if self.see_epoch(msg.session_id, msg.epoch) and msg.tree.tokens:
@@ -116,6 +121,7 @@ class StageHandler:
             self.runner.apply(msg.session_id, msg.commits, {rid for rid, _ in msg.base}, create)
         except ValueError as e:
             raise BadRound(str(e)) from e
+        tr.mark(msg.session_id, msg.round_id, "committed")
         if sh.is_last:
             if sess.verifier is None:
                 sess.verifier = VerifierSession(msg.sampling)
@@ -124,7 +130,7 @@ class StageHandler:
         if not msg.tree.tokens:
             return None if sh.is_last else replace(msg, hop=msg.hop + 1)
         try:
-            out = self.runner.forward(msg.session_id, msg.round_id, msg.base, msg.tree, msg.hidden, create)
+            out = self.runner.forward(msg.session_id, msg.round_id, msg.base, msg.tree, msg.hidden, create, tr)
         except ValueError as e:
             raise BadRound(str(e)) from e
         if not sh.is_last:
@@ -132,5 +138,6 @@ class StageHandler:
         t0 = time.perf_counter()
         low = self.low_importance() if msg.sampling.rule == Rule.ADAPTIVE else None
         res = sess.verifier.verify(msg.round_id, msg.base, msg.tree, out, low)
+        tr.mark(msg.session_id, msg.round_id, "verified")
         return VerdictMsg(msg.session_id, msg.round_id, msg.epoch, res.stale, res.accepted, res.tokens,
                           (time.perf_counter() - t0) * 1e3)

@@ -118,3 +118,12 @@ def tree_attention(parents: list[int], ctx_len: int, dtype: torch.dtype,
         depth = torch.tensor(d, dtype=torch.long, device=device)
     mask[0, 0, :, ctx_len:].masked_fill_(~visible, torch.finfo(dtype).min)
     return mask, (ctx_len + depth).unsqueeze(0)
+
+
+def attention_inputs(parents: list[int], ctx_len: int, dtype: torch.dtype, device: torch.device | str | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """tree_attention, except for a single node: it sees the whole context, so no mask is built (None, as in
+    HF's own one-token decoding steps; the attention layers then attend to every cached position)."""
+    if len(parents) == 1:
+        return None, torch.tensor([[ctx_len]], device=device)
+    return tree_attention(parents, ctx_len, dtype, device)

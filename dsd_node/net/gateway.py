@@ -27,6 +27,7 @@ import grpc
 
 from dsd_node.engine.config import ErrorCode, GenerationConfig, GenerationError, Stats
 from dsd_node.engine.head import DraftSource, Head
+from dsd_node.engine.hop_trace import HopTrace
 from dsd_node.engine.limits import Limits
 from dsd_node.engine.messages import Hop, RoundMsg
 from dsd_node.engine.tree import TokenTree
@@ -35,6 +36,7 @@ from dsd_node.net.audit import Auditor, IntegrityError
 from dsd_node.net.deadline import AdaptiveDeadline
 from dsd_node.net.exclusion import Exclusions
 from dsd_node.net.grpc_util import Channels, query_info
+from dsd_node.net.mailbox import Mailbox
 from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import GrpcPipeline
 from dsd_node.net.tls import AccessPolicy, AuthError
@@ -82,7 +84,7 @@ class GatewayService(rpc.GatewayServicer):
     def __init__(self, address: str, channels: Channels, cfg: GatewayConfig | None = None,
                  metrics: NodeMetrics | None = None, policy: AccessPolicy | None = None):
         self.address, self.channels, self.cfg, self.policy = address, channels, cfg, policy
-        self.sessions: dict[str, asyncio.Queue] = {}
+        self.sessions: dict[str, Mailbox] = {}
         self.last_stage: dict[str, str] = {}  # session -> peer id of its route's last stage (who may send verdicts)
         self.reply_record: Callable[[], bytes] = bytes  # this head's signed record for reply_to (with discovery)
         self.metrics = metrics or NodeMetrics()
@@ -91,6 +93,7 @@ class GatewayService(rpc.GatewayServicer):
         self.metrics.set_source(self.metrics.rounds_in_flight, lambda: sum(len(h.inflight) for h in self.heads))
         self.metrics.set_source(self.metrics.active_sessions.labels("head"), lambda: self.active)
         self._admission: Admission | None = None
+        self.trace = HopTrace.from_env("head")  # per-round timestamps (DSD_HOP_TRACE; hop_profile)
 
     @property
     def route(self) -> list[Hop]:
@@ -270,11 +273,12 @@ class GatewayService(rpc.GatewayServicer):
             channel = await self.channels.get(route[0].address, route[0].peer_id or None)
         except OSError as e:  # unreachable, or not the peer the route names (TlsIdentityError): another route
             return None, GenerationError(f"first stage {route[0].address}: {e}", ErrorCode.UNAVAILABLE), route
-        verdicts: asyncio.Queue = asyncio.Queue()
+        verdicts = Mailbox()
         self.sessions[sid], self.last_stage[sid] = verdicts, route[-1].peer_id
         pipe = GrpcPipeline(sid, route, self.address, channel, verdicts,
                             self.cfg.round_timeout_s, self.cfg.deadline, silent=lambda: self._silent(route),
-                            on_round_trip=self.metrics.round_trip.observe, reply_record=self.reply_record())
+                            on_round_trip=self.metrics.round_trip.observe, reply_record=self.reply_record(),
+                            trace=self.trace)
         head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
         head.on_tokens = lambda new: emit(new, head)
         failure = None
@@ -291,6 +295,7 @@ class GatewayService(rpc.GatewayServicer):
             self.heads.discard(head)
             self.sessions.pop(sid, None)
             self.last_stage.pop(sid, None)
+            self.trace.flush()
             await pipe.close(cancel=not finished)
             end = getattr(self.cfg.drafter, "end_session", None)
             if end is not None:
@@ -304,7 +309,7 @@ class GatewayService(rpc.GatewayServicer):
         """The tokens `route` commits when `tokens` are drafted after `context` (one round, a prefill): the
         auditor's independent opinion on a round ([] when that route gives none)."""
         sid = uuid.uuid4().hex
-        verdicts: asyncio.Queue = asyncio.Queue()
+        verdicts = Mailbox()
         self.sessions[sid], self.last_stage[sid] = verdicts, route[-1].peer_id
         pipe = None
         try:
@@ -330,6 +335,7 @@ class GatewayService(rpc.GatewayServicer):
             await refuse(context, e.code, e.details)
         try:
             async for m in request_iterator:
+                self.trace.mark(m.session_id, m.round_id, "verdict_in")
                 q = self.sessions.get(m.session_id)
                 if q is None:
                     await refuse(context, grpc.StatusCode.NOT_FOUND, f"unknown session id {m.session_id!r}")

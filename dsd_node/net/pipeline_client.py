@@ -11,9 +11,11 @@ from dataclasses import replace
 import grpc
 
 from dsd_node.engine.config import ErrorCode, GenerationError
+from dsd_node.engine.hop_trace import HopTrace
 from dsd_node.engine.messages import Hop, RoundMsg, VerdictMsg
 from dsd_node.net.deadline import AdaptiveDeadline
 from dsd_node.net.grpc_util import error_code
+from dsd_node.net.mailbox import Mailbox
 from dsd_node.net.wire import round_to_pb
 from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
@@ -69,10 +71,13 @@ class GrpcPipeline:
     answer now: if any, the round fails at once (a hung stage costs seconds); if all answer (a slow, loaded
     stage), the wait goes on, deadline by deadline, up to the deadline's cap."""
 
+    async_send = True  # send returns once the round is written to the first stage (see engine.head.Pipeline)
+
     def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
-                 verdicts: asyncio.Queue, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None,
+                 verdicts: Mailbox, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None,
                  silent: Callable[[], Awaitable[list[str]]] | None = None,
-                 on_round_trip: Callable[[float], None] | None = None, reply_record: bytes = b""):
+                 on_round_trip: Callable[[float], None] | None = None, reply_record: bytes = b"",
+                 trace: HopTrace | None = None):
         """route's hops may carry their signed discovery records and reply_record the head's: the first round
         takes them to the stages, which dial only announced peers (dsd_node.net.dialable); later rounds not."""
         self.session_id, self.reply_to = session_id, reply_to
@@ -85,15 +90,20 @@ class GrpcPipeline:
         self._waiting: dict[int, tuple[float, int]] = {}  # round id -> (sent at, tree nodes), in send order
         self._grace_until = 0.0  # the stages answered at the last deadline: wait on until then
         self.on_round_trip = on_round_trip  # seconds from a round's send to its verdict (metrics)
+        self.trace = trace or HopTrace(None, "head")
 
     async def send(self, msg: RoundMsg) -> None:
+        self.trace.mark(self.session_id, msg.round_id, "send")
         msg.route, msg.hop, msg.reply_to = self.route, 0, self.reply_to
         if self._first is not None:
             msg.route, msg.reply_record = self._first
             self._first = None
         if len(msg.tree):  # a commit-only message gets no verdict
             self._waiting[msg.round_id] = (time.monotonic(), len(msg.tree))
-        await self.link.write(round_to_pb(msg))
+        m = round_to_pb(msg)
+        self.trace.mark(self.session_id, msg.round_id, "encoded")
+        await self.link.write(m)
+        self.trace.mark(self.session_id, msg.round_id, "written")
 
     def _timeout(self) -> float:
         if not self._waiting:
@@ -114,18 +124,12 @@ class GrpcPipeline:
     async def recv(self) -> VerdictMsg:
         while True:
             timeout = self._timeout()
-            get = asyncio.ensure_future(self.verdicts.get())
-            try:
-                done, _ = await asyncio.wait({get, self.link.failed}, timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
-            finally:  # also when the generation is cancelled: no pending task left behind ("Task was destroyed")
-                if not get.done():
-                    get.cancel()
-            if get in done:
-                v = get.result()
+            if await self.verdicts.wait(timeout, self.link.failed):
+                v = self.verdicts.get_nowait()
                 self._answered(v.round_id)
+                self.trace.mark(self.session_id, v.round_id, "verdict")
                 return v
-            if self.link.failed in done:
+            if self.link.failed.done():
                 code, details = self.link.failed.result()
                 raise GenerationError(f"pipeline failed: {code.name}: {details}", error_code(code))
             now = time.monotonic()

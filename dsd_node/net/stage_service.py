@@ -17,12 +17,14 @@ import time
 import grpc
 
 from dsd_node.engine.config import GenerationError
+from dsd_node.engine.hop_trace import HopTrace
 from dsd_node.engine.memory import MemoryReturner
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.shard_runner import SessionLimitError
 from dsd_node.engine.stage import BadRound, SessionExists, StageHandler
 from dsd_node.net.dialable import Dialable, NotAnnounced
 from dsd_node.net.grpc_util import Channels
+from dsd_node.net.mailbox import Mailbox
 from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import StreamLink
 from dsd_node.net.tls import AccessPolicy, AuthError, TlsIdentityError
@@ -31,6 +33,11 @@ from dsd_node.proto import dsd_pb2 as pb
 from dsd_node.proto import dsd_pb2_grpc as rpc
 
 log = logging.getLogger("dsd.stage")
+
+# A round of at most INLINE_MAX_NODES tree nodes runs on the event loop itself while such rounds take under
+# INLINE_MAX_MS here (a running mean): a worker thread's two hops cost more than a tiny model's forward. Longer
+# rounds (a big model, a long prompt) run on a worker thread, so the loop stays free for other streams.
+INLINE_MAX_NODES, INLINE_MAX_MS = 64, 20.0
 
 
 class StreamAbort(Exception):
@@ -55,7 +62,8 @@ class StageService(rpc.StageServicer):
         self.metrics = metrics or NodeMetrics()
         sh = handler.runner.shard
         self.layers = f"{sh.start}:{sh.end}"
-        self.queues: set[asyncio.Queue] = set()  # one per open Forward stream: rounds waiting for compute
+        self.queues: set[Mailbox] = set()  # one per open Forward stream: rounds waiting for compute
+        self.inline_ms = 0.0  # running mean of the time small rounds take (INLINE_MAX_MS)
         self.metrics.set_source(self.metrics.queue_length, lambda: sum(q.qsize() for q in self.queues))
         self.metrics.set_source(self.metrics.active_sessions.labels("stage"), lambda: len(handler.runner.sessions))
 
@@ -75,16 +83,20 @@ class StageService(rpc.StageServicer):
                                 f"{up or '(unnamed)'}")
 
     async def Forward(self, request_iterator, context):
-        queue: asyncio.Queue[RoundMsg | StreamAbort | None] = asyncio.Queue()
+        queue: Mailbox[RoundMsg | StreamAbort | None] = Mailbox()
         sid: list[str] = []  # the stream's session, once its first round names it
         closed: list[bool] = []  # set when the handler ends: a session the reader opens after that is freed at once
         caller = self.policy.caller(context) if self.policy is not None else None
+        trace = self.handler.trace
 
         async def read() -> None:
             end: StreamAbort | None = None
             try:
                 async for m in request_iterator:
+                    t = time.perf_counter()
                     msg = round_from_pb(m)
+                    trace.mark(msg.session_id, msg.round_id, "recv", t)
+                    trace.mark(msg.session_id, msg.round_id, "decoded")
                     self.check_upstream(msg, caller)
                     if not sid:
                         if not msg.session_id:
@@ -114,7 +126,7 @@ class StageService(rpc.StageServicer):
             queue.put_nowait(end)  # None: the caller closed the stream
 
         reader = asyncio.create_task(read())
-        out = _Outlets(self.channels, self.dialable)
+        out = _Outlets(self.channels, self.dialable, trace)
         problem: StreamAbort | None = None
         self.queues.add(queue)
         idle_since = time.monotonic()  # the last new work: commit-only messages do not count
@@ -127,6 +139,7 @@ class StageService(rpc.StageServicer):
                 if isinstance(msg, StreamAbort):
                     problem = msg
                     break
+                trace.mark(msg.session_id, msg.round_id, "dequeued")
                 try:
                     await out.send(msg, await self._handle(msg))
                 except StreamAbort as e:
@@ -143,6 +156,7 @@ class StageService(rpc.StageServicer):
         finally:
             self.queues.discard(queue)
             closed.append(True)
+            trace.flush()
             if sid:  # first, before any await: a cancelled handler must still free the session
                 self.handler.end_session(sid[0])
                 self.memory.freed()
@@ -155,10 +169,18 @@ class StageService(rpc.StageServicer):
 
     async def _handle(self, msg: RoundMsg) -> RoundMsg | VerdictMsg | None:
         t0 = time.perf_counter()
+        small = len(msg.tree) <= INLINE_MAX_NODES
         try:
-            out = await asyncio.to_thread(self.handler.handle, msg, False)
+            if small and self.inline_ms < INLINE_MAX_MS:
+                out = self.handler.handle(msg, False)
+            else:
+                out = await asyncio.to_thread(self.handler.handle, msg, False)
+            self.handler.trace.mark(msg.session_id, msg.round_id, "handled")
             if msg.tree.tokens:
-                self.metrics.stage_round(self.layers, time.perf_counter() - t0)
+                dt = time.perf_counter() - t0
+                self.metrics.stage_round(self.layers, dt)
+                if small:
+                    self.inline_ms = 0.8 * self.inline_ms + 0.2 * dt * 1e3
             return out
         except BadRound as e:
             raise StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
@@ -167,19 +189,10 @@ class StageService(rpc.StageServicer):
         except Exception as e:  # a round that breaks the shard: the stream fails with a status, not silence
             raise StreamAbort(grpc.StatusCode.INTERNAL, f"round {msg.round_id} failed: {type(e).__name__}: {e}") from e
 
-    async def _next(self, queue: asyncio.Queue, down: StreamLink | None, expires: float
-                    ) -> RoundMsg | StreamAbort | None:
+    async def _next(self, queue: Mailbox, down: StreamLink | None, expires: float) -> RoundMsg | StreamAbort | None:
         """The next message of the stream; an abort when the next stage failed or the session idled too long."""
-        get = asyncio.ensure_future(queue.get())
-        waits = {get, down.failed} if down is not None else {get}
-        try:
-            done, _ = await asyncio.wait(waits, timeout=max(0.0, expires - time.monotonic()),
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not get.done():
-                get.cancel()
-        if get in done:
-            return get.result()
+        if await queue.wait(max(0.0, expires - time.monotonic()), down.failed if down is not None else None):
+            return queue.get_nowait()
         if down is not None and down.failed.done():
             code, details = down.failed.result()
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # back-pressure, not a fault of the next stage
@@ -197,8 +210,8 @@ class StageService(rpc.StageServicer):
 class _Outlets:
     """Where one stream's results go: the next stage's Forward stream, or the gateway's Verdicts stream."""
 
-    def __init__(self, channels: Channels, dialable: Dialable):
-        self.channels, self.dialable = channels, dialable
+    def __init__(self, channels: Channels, dialable: Dialable, trace: HopTrace):
+        self.channels, self.dialable, self.trace = channels, dialable, trace
         self.down: StreamLink | None = None
         self.verdicts = None
 
@@ -218,21 +231,27 @@ class _Outlets:
                 except OSError as e:
                     raise StreamAbort(grpc.StatusCode.UNAVAILABLE, f"next stage {nxt.address} unreachable: {e}") from e
             try:
-                await self.down.write(round_to_pb(out))
+                m = round_to_pb(out)
+                self.trace.mark(msg.session_id, msg.round_id, "encoded")
+                await self.down.write(m)
             except GenerationError as e:
                 raise StreamAbort(grpc.StatusCode[e.code.name], str(e)) from e
+            self.trace.mark(msg.session_id, msg.round_id, "written")
         elif isinstance(out, VerdictMsg):
             try:
                 if self.verdicts is None:
                     await self.dialable.check(msg.reply_to, "", "reply_to", msg.reply_record)
                     self.verdicts = rpc.GatewayStub(await self.channels.get(msg.reply_to)).Verdicts()
-                await self.verdicts.write(verdict_to_pb(out))
+                m = verdict_to_pb(out)
+                self.trace.mark(msg.session_id, msg.round_id, "encoded")
+                await self.verdicts.write(m)
             except NotAnnounced as e:
                 raise StreamAbort(grpc.StatusCode.PERMISSION_DENIED, str(e)) from e
             except TlsIdentityError as e:
                 raise StreamAbort(grpc.StatusCode.PERMISSION_DENIED, f"gateway {msg.reply_to}: {e}") from e
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, OSError) as e:
                 raise StreamAbort(grpc.StatusCode.UNAVAILABLE, f"gateway {msg.reply_to} unreachable: {e}") from e
+            self.trace.mark(msg.session_id, msg.round_id, "written")
 
     async def close(self, cancel: bool) -> None:
         if self.down is not None:

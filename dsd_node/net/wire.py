@@ -21,6 +21,7 @@ from dsd_node.proto import dsd_pb2 as pb
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 MAX_TENSOR_DIMS, MAX_TENSOR_DIM = 8, 1 << 31  # sizes no message of 256 MB can fill, and no view overflows
 
 
@@ -33,29 +34,32 @@ def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
 
     This is where hidden states leave their device: one copy to host memory, only to be serialized.
     bfloat16 has no numpy dtype, so its bytes are read through a uint8 view (bit-exact)."""
-    if t.dtype not in DTYPE_NAMES:
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None:
         raise WireError(f"cannot send a {t.dtype} tensor (wire dtypes: {', '.join(WIRE_DTYPES)})")
     t = t.detach().to("cpu").contiguous()
     data = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
-    return pb.Tensor(data=data, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape))
+    return pb.Tensor(data=data, dtype=name, shape=list(t.shape))
 
 
 def tensor_from_pb(m: pb.Tensor) -> torch.Tensor:
-    if m.dtype not in WIRE_DTYPES:
+    dtype = WIRE_DTYPES.get(m.dtype)
+    if dtype is None:
         raise WireError(f"unknown tensor dtype {m.dtype!r} (expected one of {', '.join(WIRE_DTYPES)})")
-    dtype = WIRE_DTYPES[m.dtype]
     shape = list(m.shape)
     if any(d < 0 for d in shape):
         raise WireError(f"negative dimension in tensor shape {shape}")
     if len(shape) > MAX_TENSOR_DIMS or any(d > MAX_TENSOR_DIM for d in shape):
         raise WireError(f"tensor shape {shape} is out of bounds (at most {MAX_TENSOR_DIMS} dimensions of at most "
                         f"{MAX_TENSOR_DIM} each)")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(m.data) != math.prod(shape) * itemsize:
-        raise WireError(f"tensor bytes ({len(m.data)}) do not match shape {shape} of {m.dtype} "
+    itemsize = ITEMSIZE[dtype]
+    data = m.data
+    if len(data) != math.prod(shape) * itemsize:
+        raise WireError(f"tensor bytes ({len(data)}) do not match shape {shape} of {m.dtype} "
                         f"({math.prod(shape) * itemsize} bytes)")
-    raw = torch.frombuffer(bytearray(m.data), dtype=torch.uint8) if m.data else torch.empty(0, dtype=torch.uint8)
-    return raw.view(dtype).reshape(shape)
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)  # one copy: a writable buffer of its own
 
 
 def sampling_to_pb(s: SamplingParams) -> pb.Sampling:
