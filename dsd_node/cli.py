@@ -168,7 +168,7 @@ def cmd_testnet(args: argparse.Namespace) -> int:
             print(f"swarm key: {trust.swarm_key} (removed with the testnet)", file=sys.stderr)
         if args.generate is not None:
             return await _generate_remote(net.gateway, args.generate, generation_config(args), args.json, trust.api_key)
-        key = f" --api-key {trust.api_key}" if trust.api_key else ""
+        key = f" --api-key={trust.api_key}" if trust.api_key else ""
         print(f"try: dsd generate --gateway {net.gateway}{key} \"def fibonacci(n):\"   (Ctrl-C stops the testnet)",
               file=sys.stderr)
         if net.http_url:

@@ -49,7 +49,7 @@ class Trust:
     def args(self, head: bool = False) -> list[str]:
         out = [] if self.tls else ["--insecure"]
         out += ["--swarm-key", str(self.swarm_key)] if self.swarm_key else []
-        return out + (["--api-key", self.api_key] if head and self.api_key else [])
+        return out + ([f"--api-key={self.api_key}"] if head and self.api_key else [])  # = : a key may begin with "-"
 
     def describe(self) -> str:
         if not self.tls:
