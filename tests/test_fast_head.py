@@ -17,6 +17,7 @@ from dsd_node.engine.config import GenerationConfig, TreeShape
 from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.head import Head
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
+from dsd_node.engine.speculation import DsiPolicy, Ewma
 from dsd_node.engine.tree import TokenTree
 
 V = 97
@@ -132,15 +133,20 @@ async def generate(
     eos: int | None = None,
     depth: int = 1,
     prompt: list[int] = PROMPT,
+    policy: DsiPolicy | None = None,
 ):
-    """Run the head, flush its last commits, and check what every stage would hold afterwards."""
+    """Run the head, flush its last commits, and check what every stage would hold afterwards.
+
+    dsi runs with `eager()` unless a policy is given: the protocol tests want rounds in flight."""
     pipe = pipe or ScriptedPipeline()
+    if policy is None and cfg.mode == "dsi":
+        policy = eager()
     streamed: list[int] = []
 
     async def on_tokens(toks: list[int]) -> None:
         streamed.extend(toks)
 
-    head = Head(SID, pipe, drafter, cfg, eos_token_id=eos, on_tokens=on_tokens, pipeline_depth=depth)
+    head = Head(SID, pipe, drafter, cfg, eos_token_id=eos, on_tokens=on_tokens, pipeline_depth=depth, policy=policy)
     out = await head.run(list(prompt))
     assert streamed == out
     await head.flush()
@@ -151,14 +157,23 @@ async def generate(
     return out, head, pipe
 
 
+def eager() -> DsiPolicy:
+    """A policy that believes every draft is right and that rounds cost nothing: as many rounds in flight as allowed."""
+    return DsiPolicy(min_valid_prob=0.05, stages=0, hits=1e9, tries=1e9)
+
+
+def frozen(alpha: float, wait_ms: float, draft_ms: float, stages: int = 4, min_valid_prob: float = 0.35) -> DsiPolicy:
+    """A policy whose figures stay as given whatever the scripted pipeline's timing (weight 0, a huge prior)."""
+    return DsiPolicy(min_valid_prob, stages, alpha * 1e9, 1e9, Ewma(wait_ms, 0.0), Ewma(draft_ms, 0.0))
+
+
 def chain(k: int, **kw) -> GenerationConfig:
     return GenerationConfig(mode="si", draft_k=k, tree=TreeShape(branch=0), **kw)
 
 
 def dsi(k: int, inflight: int, **kw) -> GenerationConfig:
-    return GenerationConfig(
-        mode="dsi", draft_k=k, tree=TreeShape(branch=0), max_inflight=inflight, min_valid_prob=0.05, **kw
-    )
+    kw = {"tree": TreeShape(branch=0), "min_valid_prob": 0.05, **kw}
+    return GenerationConfig(mode="dsi", draft_k=k, max_inflight=inflight, **kw)
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -296,3 +311,81 @@ async def test_bad_configurations_are_refused():
         Head(SID, ScriptedPipeline(), ScriptedDrafter(), GenerationConfig(mode="fast"))
     with pytest.raises(ValueError, match="empty prompt"):
         await Head(SID, ScriptedPipeline(), ScriptedDrafter(), GenerationConfig()).run([])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dsi's scheduling from measured figures (dsd_node.engine.speculation): split chains, speculation past them
+
+
+def test_policy_splits_a_chain_where_an_early_miss_is_likely_and_not_where_it_is_rare():
+    # 2-core figures of oracle:ALPHA at N=4, t1=25 ms: ~11 ms per drafted token, ~150 ms from send to verdict
+    assert frozen(0.7, 150, 11).split(4) == 1
+    assert frozen(0.6, 150, 11).split(4) == 1
+    assert frozen(0.95, 150, 11).split(4) == 4  # the chain is usually accepted whole: one round, as si
+    assert frozen(0.7, 150, 0).split(4) == 4  # drafting costs nothing: nothing to hide behind the first round
+    p = frozen(0.7, 150, 11)
+    assert p.chain_time(1, 4) < p.chain_time(4, 4) == 4 * 11 + 150
+
+
+def test_policy_speculates_past_the_chain_only_when_the_round_is_likely_used_and_the_wait_hides_it():
+    assert frozen(0.95, 150, 2).speculate(5, 5, 150)
+    assert not frozen(0.7, 150, 2).speculate(5, 5, 150)  # p = 0.7^5 = 0.17: below min_valid_prob
+    assert not frozen(0.95, 150, 11).speculate(5, 5, 20)  # little wait left to hide 55 ms of drafting in
+    assert not frozen(0.95, 30, 11, min_valid_prob=0.05).speculate(5, 5, 0)  # t1 = 0: nothing to hide
+
+
+async def test_dsi_sends_a_split_chain_as_two_rounds_with_the_tokens_si_would_send():
+    drafter = ScriptedDrafter()
+    cfg = dsi(4, 3, max_new_tokens=20)
+    out, head, pipe = await generate(cfg, drafter, depth=4, policy=frozen(0.7, 150, 11))
+    assert out == greedy(PROMPT, 20)
+    assert [r.depth for r in drafter.requests[:4]] == [1, 3, 1, 3]  # [y, d1], then [d2, d3, d4] on top of it
+    assert head.stats.accepted_per_round[:4] == [2, 3, 2, 3] and head.stats.rounds_wasted == 0
+    a, b = pipe.sent[0], pipe.sent[1]
+    assert a.tree.tokens == PROMPT + greedy(PROMPT, 1) and b.base == [(0, list(range(len(PROMPT) + 1)))]
+    assert b.tree.tokens == greedy(PROMPT, 4)[1:] and b.tree.parents == [-1, 0, 1]
+    assert max(head.stats.inflight) == 1  # nothing past the chain: 0.7^4 is below min_valid_prob
+
+
+async def test_dsi_split_chain_restarts_from_the_first_rounds_verdict_when_it_misses():
+    drafter = ScriptedDrafter(wrong_at={0: 0})  # the first round's only draft is wrong: its second round is wasted
+    out, head, pipe = await generate(dsi(4, 3, max_new_tokens=20), drafter, depth=4, policy=frozen(0.7, 150, 11))
+    assert out == greedy(PROMPT, 20)
+    assert pipe.received[0].accepted == list(range(len(PROMPT))) and head.stats.rounds_wasted == 1
+    restart = pipe.sent[2]
+    assert restart.epoch == 1 and restart.base == [] and restart.commits == [(0, pipe.received[0].accepted)]
+    assert restart.tree.tokens == greedy(PROMPT, 2)  # y (the target's own token), then one draft: split again
+
+
+async def test_dsi_is_si_when_there_is_no_wait_to_hide_drafting_in():
+    # the scripted pipeline answers at once and drafts cost nothing: the measured figures say no split and
+    # nothing ahead, so dsi sends exactly si's rounds (also from the start: no bet before anything is measured)
+    cfg_si, cfg_dsi = chain(4, max_new_tokens=30), dsi(4, 3, max_new_tokens=30, min_valid_prob=0.35)
+    drafter = ScriptedDrafter(wrong_at={2: 1, 5: 3})
+    _, _, si_pipe = await generate(cfg_si, drafter)
+    drafter = ScriptedDrafter(wrong_at={2: 1, 5: 3})
+    out, head, pipe = await generate(cfg_dsi, drafter, depth=4, policy=DsiPolicy(0.35, 4))
+    assert out == greedy(PROMPT, 30)
+    assert max(head.stats.inflight) == 0 and head.stats.rounds_wasted == 0
+    assert [m.tree for m in pipe.sent] == [m.tree for m in si_pipe.sent]
+
+
+async def test_dsi_speculates_past_the_chain_when_whole_rounds_are_likely():
+    out, head, _ = await generate(dsi(4, 3, max_new_tokens=40), ScriptedDrafter(), depth=4,
+                                  policy=frozen(0.95, 150, 2))
+    assert out == greedy(PROMPT, 40)
+    assert max(head.stats.inflight) == 2 and head.stats.rounds_wasted == 0
+
+
+@pytest.mark.parametrize("policy", ["split", "ahead", "eager"])
+@pytest.mark.parametrize("seed", range(6))
+async def test_dsi_output_is_the_targets_whatever_the_misses(policy, seed):
+    import random
+
+    rng = random.Random(seed)
+    wrong_at = {c: rng.randrange(5) for c in range(60) if rng.random() < 0.5}
+    pol = {"split": frozen(0.6, 150, 11), "ahead": frozen(0.97, 150, 1), "eager": eager()}[policy]
+    cfg = dsi(4, 3, max_new_tokens=37, tree=TreeShape(branch=1, branch_depth=2))
+    out, head, _ = await generate(cfg, ScriptedDrafter(wrong_at, rescue=seed % 2 == 0), depth=4, policy=pol)
+    assert out == greedy(PROMPT, 37)
+    assert head.stats.rounds_wasted > 0 and max(head.stats.inflight) >= 1  # the scheme was exercised

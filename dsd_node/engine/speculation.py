@@ -1,0 +1,104 @@
+"""How dsi schedules its rounds: where to split a round's draft chain, and whether to speculate past it.
+
+The head measures, per session, what the choice depends on (as Sequoia sizes its trees from measured
+acceptance and verify cost): the per-token acceptance a (every draft token a verdict checked: hits and
+misses along the main path), the wait W from sending a round to its verdict, and the drafter's cost D
+per drafted token (as the head waits for it).
+
+Split. si drafts a chain of k tokens, then sends [y, d1..dk] and waits. dsi sends the same chain in two
+rounds: A = [y, d1..dj] as soon as j tokens are drafted, then B = [d(j+1)..dk] built on A. Nothing is
+bet that si would not draft anyway: B's tokens are si's own. When A's verdict stops inside A (its drafts
+miss, or its added token is not d(j+1)), B is wasted but the next round starts from A's verdict, up to
+(k - j)·D earlier than si's; when it does not, B's verdict arrives when si's would have. With
+q = a^(j+1), the expected time from a restart to the verdict that ends the chain is
+
+    T(j) = q·(k·D + W) + (1 - q)·max(j·D + W, k·D) + [j < k]·overhead
+
+(the head drafts B while A travels, so A's verdict is read after B is drafted; `overhead` is the extra
+round's hops). The head takes the j that minimizes T; j = k is si's round.
+
+Past the chain. One more round on top of those in flight (the guess for the last one's added token and
+k drafts) is usable with probability p = a^S, S the tokens it assumes. Sent now, and usable, its verdict
+comes the remaining wait R of the newest round in flight earlier; its drafting (m·D) blocks the head's
+loop, and when it is wasted that drafting and its stage compute were taken from the rounds that count:
+
+    send iff p >= min_valid_prob and p·R - max(0, m·D - R) > (1 - p)·(m·D + overhead)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROUND_OVERHEAD_MS_PER_STAGE = 2.0  # one more round message through a stage (measured: ~2 ms per hop, 2 cores)
+
+
+@dataclass
+class Ewma:
+    value: float | None = None
+    weight: float = 0.3
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.weight) * self.value + self.weight * x
+
+
+@dataclass
+class DsiPolicy:
+    """The measured figures of one session and the two decisions made from them."""
+
+    min_valid_prob: float = 0.35
+    stages: int = 1
+    hits: float = 1.0  # per-token acceptance: a Beta(1, 1) prior, so a = 0.5 before any verdict
+    tries: float = 2.0
+    wait_ms: Ewma = None  # send -> verdict
+    draft_ms_per_token: Ewma = None
+
+    def __post_init__(self) -> None:
+        self.wait_ms = self.wait_ms or Ewma()
+        self.draft_ms_per_token = self.draft_ms_per_token or Ewma()
+
+    @property
+    def accept_rate(self) -> float:
+        return self.hits / self.tries
+
+    @property
+    def overhead_ms(self) -> float:
+        return ROUND_OVERHEAD_MS_PER_STAGE * self.stages
+
+    def saw_drafts(self, hits: int, tries: int) -> None:
+        self.hits += hits
+        self.tries += tries
+
+    def saw_draft_time(self, ms: float, n_tokens: int) -> None:
+        if n_tokens > 0:
+            self.draft_ms_per_token.add(ms / n_tokens)
+
+    def saw_wait(self, ms: float) -> None:
+        self.wait_ms.add(ms)
+
+    def measured(self) -> bool:
+        return self.wait_ms.value is not None and self.draft_ms_per_token.value is not None
+
+    def chain_time(self, j: int, k: int) -> float:
+        """T(j): expected ms from a restart to the verdict that ends a chain of k drafts sent as [y, d1..dj] + the rest."""
+        a, d, w = self.accept_rate, self.draft_ms_per_token.value or 0.0, self.wait_ms.value or 0.0
+        if j >= k:
+            return k * d + w
+        q = a ** (j + 1)
+        return q * (k * d + w) + (1 - q) * max(j * d + w, k * d) + self.overhead_ms
+
+    def split(self, k: int) -> int:
+        """Drafts in the first round of a chain of k (k: no split, as si). Unmeasured: k."""
+        if not self.measured() or k <= 1:
+            return k
+        return min(range(k, -1, -1), key=lambda j: (round(self.chain_time(j, k), 6), -j))  # ties: the larger j
+
+    def speculate(self, assumed: int, depth: int, remaining_ms: float) -> bool:
+        """Send a round of `depth` drafted tokens that assumes `assumed` unverified tokens now?
+
+        remaining_ms: how long the newest round in flight is still expected to take."""
+        p = self.accept_rate ** assumed
+        if p < self.min_valid_prob:
+            return False
+        draft = depth * (self.draft_ms_per_token.value or 0.0)
+        gain = p * remaining_ms - max(0.0, draft - remaining_ms)
+        return gain >= (1 - p) * (draft + self.overhead_ms)
