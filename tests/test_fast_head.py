@@ -162,9 +162,11 @@ def eager() -> DsiPolicy:
     return DsiPolicy(min_valid_prob=0.05, stages=0, hits=1e9, tries=1e9)
 
 
-def frozen(alpha: float, wait_ms: float, draft_ms: float, stages: int = 4, min_valid_prob: float = 0.35) -> DsiPolicy:
+def frozen(alpha: float, wait_ms: float, draft_ms: float, stages: int = 4, min_valid_prob: float = 0.35,
+           overhead_ms: float = 8.0) -> DsiPolicy:
     """A policy whose figures stay as given whatever the scripted pipeline's timing (weight 0, a huge prior)."""
-    return DsiPolicy(min_valid_prob, stages, alpha * 1e9, 1e9, Ewma(wait_ms, 0.0), Ewma(draft_ms, 0.0))
+    return DsiPolicy(min_valid_prob, stages, alpha * 1e9, 1e9, Ewma(wait_ms, 0.0), Ewma(draft_ms, 0.0),
+                     Ewma(wait_ms + overhead_ms, 0.0))
 
 
 def chain(k: int, **kw) -> GenerationConfig:
@@ -325,6 +327,20 @@ def test_policy_splits_a_chain_where_an_early_miss_is_likely_and_not_where_it_is
     assert frozen(0.7, 150, 0).split(4) == 4  # drafting costs nothing: nothing to hide behind the first round
     p = frozen(0.7, 150, 11)
     assert p.chain_time(1, 4) < p.chain_time(4, 4) == 4 * 11 + 150
+    # a compute-bound pipeline (t1 = 0): a round sent behind another waits a whole pass longer: no split
+    assert frozen(0.7, 40, 11, overhead_ms=40).split(4) == 4
+    assert frozen(0.7, 40, 11, overhead_ms=2).split(4) == 1
+
+
+def test_policy_measures_the_overhead_of_a_round_behind_another_from_the_waits():
+    p = DsiPolicy(0.35, 4)
+    assert p.overhead_ms == 8.0  # not measured yet: 2 ms per stage
+    for _ in range(20):
+        p.saw_wait(60.0)
+        p.saw_wait(95.0, behind=True)
+    assert p.overhead_ms == pytest.approx(35.0)
+    p.saw_wait(10.0, behind=True)
+    assert p.overhead_ms < 35.0
 
 
 def test_policy_speculates_past_the_chain_only_when_the_round_is_likely_used_and_the_wait_hides_it():
@@ -347,14 +363,29 @@ async def test_dsi_sends_a_split_chain_as_two_rounds_with_the_tokens_si_would_se
     assert max(head.stats.inflight) == 1  # nothing past the chain: 0.7^4 is below min_valid_prob
 
 
+class Recording(DsiPolicy):
+    """A frozen policy that records which rounds' waits were taken as sent behind another round."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.behind: list[bool] = []
+
+    def saw_wait(self, ms: float, behind: bool = False) -> None:
+        self.behind.append(behind)
+
+
 async def test_dsi_split_chain_restarts_from_the_first_rounds_verdict_when_it_misses():
     drafter = ScriptedDrafter(wrong_at={0: 0})  # the first round's only draft is wrong: its second round is wasted
-    out, head, pipe = await generate(dsi(4, 3, max_new_tokens=20), drafter, depth=4, policy=frozen(0.7, 150, 11))
+    policy = Recording(0.35, 4, 0.7e9, 1e9, Ewma(150, 0.0), Ewma(11, 0.0), Ewma(158, 0.0))
+    out, head, pipe = await generate(dsi(4, 3, max_new_tokens=20), drafter, depth=4, policy=policy)
     assert out == greedy(PROMPT, 20)
     assert pipe.received[0].accepted == list(range(len(PROMPT))) and head.stats.rounds_wasted == 1
     restart = pipe.sent[2]
     assert restart.epoch == 1 and restart.base == [] and restart.commits == [(0, pipe.received[0].accepted)]
     assert restart.tree.tokens == greedy(PROMPT, 2)  # y (the target's own token), then one draft: split again
+    # waits: round 0 alone; the restart behind wasted round 1 (its expected 150 ms are not over); then the
+    # restart's second round behind it
+    assert policy.behind[:3] == [False, True, True]
 
 
 async def test_dsi_is_si_when_there_is_no_wait_to_hide_drafting_in():

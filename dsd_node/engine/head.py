@@ -52,6 +52,7 @@ class _Sent:
     assumed: list[int]  # tokens of main_path beyond what was known when it was sent
     n_known: int = 1  # main_path nodes that are not this round's own drafts (prompt, y, or the guess checked before)
     sent_at: float = 0.0
+    behind: bool = False  # sent behind another round still in the pipeline (in flight, or wasted and still going)
 
 
 class Head:
@@ -77,6 +78,7 @@ class Head:
         self.drafter_down = False  # the last draft failed: rounds go without one, one at a time
         self.policy = policy or DsiPolicy(cfg.min_valid_prob, pipeline_depth)  # dsi: measured figures, decisions
         self.chain_left = 0  # dsi: drafts of the current chain still to send (the second round of a split)
+        self.wasted_until = 0.0  # when the wasted rounds still in the pipeline are expected out of it
 
     @property
     def generated(self) -> list[int]:
@@ -166,12 +168,16 @@ class Head:
         if not offset:
             self.chain_left = 0  # the chain's rest is sent (or a round past it)
         self.stats.inflight.append(len(self.inflight))
-        self.inflight.append(_Sent(self.next_round, tree, main, assumed, max(1, offset), time.perf_counter()))
+        now = time.perf_counter()
+        self.inflight.append(_Sent(self.next_round, tree, main, assumed, max(1, offset), now,
+                                   bool(self.inflight) or now < self.wasted_until))
         self.next_round += 1
         self.stats.rounds += 1
         await self.pipe.send(msg)
 
     def _invalidate(self) -> None:
+        wait = (self.policy.wait_ms.value or 0.0) / 1e3
+        self.wasted_until = max([self.wasted_until] + [s.sent_at + wait for s in self.inflight])
         self.stats.rounds_wasted += len(self.inflight)
         self.inflight.clear()
         self.chain_left = 0
@@ -179,7 +185,7 @@ class Head:
 
     def _measure(self, sent: _Sent, v: VerdictMsg) -> None:
         """The policy's figures from one verdict: the wait, and the round's own drafts along its main path."""
-        self.policy.saw_wait((time.perf_counter() - sent.sent_at) * 1e3)
+        self.policy.saw_wait((time.perf_counter() - sent.sent_at) * 1e3, sent.behind)
         matched = 0
         for a, b in zip(v.accepted, sent.main_path, strict=False):
             if a != b:

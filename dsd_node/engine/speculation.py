@@ -14,8 +14,12 @@ q = a^(j+1), the expected time from a restart to the verdict that ends the chain
 
     T(j) = q·(k·D + W) + (1 - q)·max(j·D + W, k·D) + [j < k]·overhead
 
-(the head drafts B while A travels, so A's verdict is read after B is drafted; `overhead` is the extra
-round's hops). The head takes the j that minimizes T; j = k is si's round.
+(the head drafts B while A travels, so A's verdict is read after B is drafted). `overhead` is what a round
+costs the rounds behind it: measured as the wait of rounds sent behind another one still in the pipeline
+(B, or the round after a wasted one) less the wait of rounds sent alone. Where the pipeline is compute-
+bound (t1 = 0 on two cores) that is a whole pass, and the head stops splitting; where it is link-bound,
+about nothing. Before it is measured it is ROUND_OVERHEAD_MS_PER_STAGE per stage. The head takes the j
+that minimizes T; j = k is si's round.
 
 Past the chain. One more round on top of those in flight (the guess for the last one's added token and
 k drafts) is usable with probability p = a^S, S the tokens it assumes. Sent now, and usable, its verdict
@@ -49,12 +53,14 @@ class DsiPolicy:
     stages: int = 1
     hits: float = 1.0  # per-token acceptance: a Beta(1, 1) prior, so a = 0.5 before any verdict
     tries: float = 2.0
-    wait_ms: Ewma = None  # send -> verdict
+    wait_ms: Ewma = None  # send -> verdict, rounds sent with none ahead of them in the pipeline
     draft_ms_per_token: Ewma = None
+    wait_behind_ms: Ewma = None  # send -> verdict, rounds sent behind another one (in flight or wasted)
 
     def __post_init__(self) -> None:
         self.wait_ms = self.wait_ms or Ewma()
         self.draft_ms_per_token = self.draft_ms_per_token or Ewma()
+        self.wait_behind_ms = self.wait_behind_ms or Ewma()
 
     @property
     def accept_rate(self) -> float:
@@ -62,7 +68,9 @@ class DsiPolicy:
 
     @property
     def overhead_ms(self) -> float:
-        return ROUND_OVERHEAD_MS_PER_STAGE * self.stages
+        if self.wait_behind_ms.value is None or self.wait_ms.value is None:
+            return ROUND_OVERHEAD_MS_PER_STAGE * self.stages
+        return max(0.0, self.wait_behind_ms.value - self.wait_ms.value)
 
     def saw_drafts(self, hits: int, tries: int) -> None:
         self.hits += hits
@@ -72,8 +80,8 @@ class DsiPolicy:
         if n_tokens > 0:
             self.draft_ms_per_token.add(ms / n_tokens)
 
-    def saw_wait(self, ms: float) -> None:
-        self.wait_ms.add(ms)
+    def saw_wait(self, ms: float, behind: bool = False) -> None:
+        (self.wait_behind_ms if behind else self.wait_ms).add(ms)
 
     def measured(self) -> bool:
         return self.wait_ms.value is not None and self.draft_ms_per_token.value is not None
