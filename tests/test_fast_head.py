@@ -383,9 +383,9 @@ async def test_dsi_split_chain_restarts_from_the_first_rounds_verdict_when_it_mi
     restart = pipe.sent[2]
     assert restart.epoch == 1 and restart.base == [] and restart.commits == [(0, pipe.received[0].accepted)]
     assert restart.tree.tokens == greedy(PROMPT, 2)  # y (the target's own token), then one draft: split again
-    # waits: round 0 alone; the restart behind wasted round 1 (its expected 150 ms are not over); then the
-    # restart's second round behind it
-    assert policy.behind[:3] == [False, True, True]
+    # waits (the prompt's round prefills: not taken): the restart behind wasted round 1 (its expected 150 ms
+    # are not over), then the restart's second round behind it
+    assert policy.behind[:2] == [True, True]
 
 
 async def test_dsi_is_si_when_there_is_no_wait_to_hide_drafting_in():

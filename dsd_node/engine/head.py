@@ -185,7 +185,8 @@ class Head:
 
     def _measure(self, sent: _Sent, v: VerdictMsg) -> None:
         """The policy's figures from one verdict: the wait, and the round's own drafts along its main path."""
-        self.policy.saw_wait((time.perf_counter() - sent.sent_at) * 1e3, sent.behind)
+        if not sent.tree.n_given:  # the prompt's round also prefills: its wait says nothing of a round's
+            self.policy.saw_wait((time.perf_counter() - sent.sent_at) * 1e3, sent.behind)
         matched = 0
         for a, b in zip(v.accepted, sent.main_path, strict=False):
             if a != b:
