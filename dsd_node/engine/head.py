@@ -18,6 +18,7 @@ network (dsd_node.net.gateway) run exactly this loop.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,8 @@ from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.speculation import DsiPolicy
 from dsd_node.engine.tree import TokenTree
+
+log = logging.getLogger("dsd.head")
 
 
 class Pipeline(Protocol):
@@ -242,6 +245,8 @@ class Head:
                 break
         self.stats.new_tokens = len(self.trimmed())
         self.stats.wall_ms = (time.perf_counter() - t0) * 1e3
+        if self.cfg.mode == "dsi":
+            log.info("dsi %s: %s", self.sid, self.policy.describe(self.cfg.draft_k))
         return self.trimmed()
 
     def trimmed(self) -> list[int]:

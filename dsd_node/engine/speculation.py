@@ -86,6 +86,13 @@ class DsiPolicy:
     def measured(self) -> bool:
         return self.wait_ms.value is not None and self.draft_ms_per_token.value is not None
 
+    def describe(self, k: int) -> str:
+        """The measured figures and the split they give, for the log."""
+        f = [self.wait_ms.value, self.wait_behind_ms.value, self.draft_ms_per_token.value]
+        w, wb, d = (f"{x:.1f}" if x is not None else "-" for x in f)
+        return (f"acceptance {self.accept_rate:.2f}, wait {w} ms (behind another round {wb} ms, overhead "
+                f"{self.overhead_ms:.1f} ms), draft {d} ms/token: split {self.split(k)} of {k}")
+
     def chain_time(self, j: int, k: int) -> float:
         """T(j): expected ms from a restart to the verdict that ends a chain of k drafts sent as [y, d1..dj] + the rest."""
         a, d, w = self.accept_rate, self.draft_ms_per_token.value or 0.0, self.wait_ms.value or 0.0
