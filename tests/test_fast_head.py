@@ -166,7 +166,7 @@ def frozen(alpha: float, wait_ms: float, draft_ms: float, stages: int = 4, min_v
            overhead_ms: float = 8.0) -> DsiPolicy:
     """A policy whose figures stay as given whatever the scripted pipeline's timing (weight 0, a huge prior)."""
     return DsiPolicy(min_valid_prob, stages, alpha * 1e9, 1e9, Ewma(wait_ms, 0.0), Ewma(draft_ms, 0.0),
-                     Ewma(wait_ms + overhead_ms, 0.0))
+                     Ewma(wait_ms + overhead_ms, 0.0), Ewma(draft_ms, 0.0))
 
 
 def chain(k: int, **kw) -> GenerationConfig:
@@ -329,6 +329,10 @@ def test_policy_splits_a_chain_where_an_early_miss_is_likely_and_not_where_it_is
     assert p.chain_time(1, 4) < p.chain_time(4, 4) == 4 * 11 + 150
     # a compute-bound pipeline (t1 = 0): a round sent behind another waits a whole pass longer: no split
     assert frozen(0.7, 40, 11, overhead_ms=40).split(4) == 4
+    # drafting B competes with A's compute (the drafter shares cores with the stages): twice as slow, no split
+    busy = frozen(0.7, 150, 11)
+    busy.draft_busy_ms_per_token = Ewma(22.0, 0.0)
+    assert busy.split(4) == 4
     assert frozen(0.7, 40, 11, overhead_ms=2).split(4) == 1
 
 
@@ -376,7 +380,7 @@ class Recording(DsiPolicy):
 
 async def test_dsi_split_chain_restarts_from_the_first_rounds_verdict_when_it_misses():
     drafter = ScriptedDrafter(wrong_at={0: 0})  # the first round's only draft is wrong: its second round is wasted
-    policy = Recording(0.35, 4, 0.7e9, 1e9, Ewma(150, 0.0), Ewma(11, 0.0), Ewma(158, 0.0))
+    policy = Recording(0.35, 4, 0.7e9, 1e9, Ewma(150, 0.0), Ewma(11, 0.0), Ewma(158, 0.0), Ewma(11, 0.0))
     out, head, pipe = await generate(dsi(4, 3, max_new_tokens=20), drafter, depth=4, policy=policy)
     assert out == greedy(PROMPT, 20)
     assert pipe.received[0].accepted == list(range(len(PROMPT))) and head.stats.rounds_wasted == 1
@@ -420,3 +424,17 @@ async def test_dsi_output_is_the_targets_whatever_the_misses(policy, seed):
     out, head, _ = await generate(cfg, ScriptedDrafter(wrong_at, rescue=seed % 2 == 0), depth=4, policy=pol)
     assert out == greedy(PROMPT, 37)
     assert head.stats.rounds_wasted > 0 and max(head.stats.inflight) >= 1  # the scheme was exercised
+
+
+@pytest.mark.parametrize("alpha", [0.6, 0.9])
+async def test_dsi_over_a_timed_pipeline_stays_exact(alpha):
+    # the bench's simulator (dsd_node.ops.bench.dsi_sim): real waits (scaled down), so the policy measures real
+    # figures and splits chains or sends rounds past them as it would on a network; the output is checked there
+    from dsd_node.ops.bench.dsi_sim import Costs
+    from dsd_node.ops.bench.dsi_sim import generate as sim_generate
+
+    costs = Costs(stages=4, t1_ms=2.5, stage_ms=0.7, node_ms=0.15, draft_ms=1.1)
+    for seed in range(2):
+        for mode in ("si", "dsi"):
+            ms, out = await sim_generate(mode, alpha, costs, seed, n=24)
+            assert len(out) == 24 and ms > 0

@@ -127,7 +127,7 @@ class Head:
         d = await self.drafter.draft(self.sid, req)
         self.drafter_down = False
         self.stats.draft_ms += d.draft_ms
-        self.policy.saw_draft_time(d.draft_ms, depth)
+        self.policy.saw_draft_time(d.draft_ms, depth, busy=bool(self.inflight))
         return d
 
     async def _send_round(self, prompt: list[int] | None, depth: int) -> None:

@@ -12,9 +12,11 @@ miss, or its added token is not d(j+1)), B is wasted but the next round starts f
 (k - j)·D earlier than si's; when it does not, B's verdict arrives when si's would have. With
 q = a^(j+1), the expected time from a restart to the verdict that ends the chain is
 
-    T(j) = q·(k·D + W) + (1 - q)·max(j·D + W, k·D) + [j < k]·overhead
+    T(j) = q·(j·D + (k - j)·D' + W) + (1 - q)·max(j·D + W, j·D + (k - j)·D') + [j < k]·overhead
 
-(the head drafts B while A travels, so A's verdict is read after B is drafted). `overhead` is what a round
+(the head drafts B while A travels, so A's verdict is read after B is drafted). D' is the drafting time per
+token measured while a round is in flight: where the drafter shares cores (or, colocated with stage 0, a
+process) with the pipeline, drafting B competes with A's compute and D' > D. `overhead` is what a round
 costs the rounds behind it: measured as the wait of rounds sent behind another one still in the pipeline
 (B, or the round after a wasted one) less the wait of rounds sent alone. Where the pipeline is compute-
 bound (t1 = 0 on two cores) that is a whole pass, and the head stops splitting; where it is link-bound,
@@ -56,11 +58,14 @@ class DsiPolicy:
     wait_ms: Ewma = None  # send -> verdict, rounds sent with none ahead of them in the pipeline
     draft_ms_per_token: Ewma = None
     wait_behind_ms: Ewma = None  # send -> verdict, rounds sent behind another one (in flight or wasted)
+    draft_busy_ms_per_token: Ewma = None  # drafting while a round is in flight
+
 
     def __post_init__(self) -> None:
         self.wait_ms = self.wait_ms or Ewma()
         self.draft_ms_per_token = self.draft_ms_per_token or Ewma()
         self.wait_behind_ms = self.wait_behind_ms or Ewma()
+        self.draft_busy_ms_per_token = self.draft_busy_ms_per_token or Ewma()
 
     @property
     def accept_rate(self) -> float:
@@ -76,9 +81,15 @@ class DsiPolicy:
         self.hits += hits
         self.tries += tries
 
-    def saw_draft_time(self, ms: float, n_tokens: int) -> None:
+    def saw_draft_time(self, ms: float, n_tokens: int, busy: bool = False) -> None:
         if n_tokens > 0:
-            self.draft_ms_per_token.add(ms / n_tokens)
+            (self.draft_busy_ms_per_token if busy else self.draft_ms_per_token).add(ms / n_tokens)
+
+    @property
+    def draft_busy_ms(self) -> float:
+        """D': drafting per token with a round in flight (D until measured)."""
+        busy = self.draft_busy_ms_per_token.value
+        return busy if busy is not None else (self.draft_ms_per_token.value or 0.0)
 
     def saw_wait(self, ms: float, behind: bool = False) -> None:
         (self.wait_behind_ms if behind else self.wait_ms).add(ms)
@@ -88,18 +99,21 @@ class DsiPolicy:
 
     def describe(self, k: int) -> str:
         """The measured figures and the split they give, for the log."""
-        f = [self.wait_ms.value, self.wait_behind_ms.value, self.draft_ms_per_token.value]
-        w, wb, d = (f"{x:.1f}" if x is not None else "-" for x in f)
+        f = [self.wait_ms.value, self.wait_behind_ms.value, self.draft_ms_per_token.value,
+             self.draft_busy_ms_per_token.value]
+        w, wb, d, db = (f"{x:.1f}" if x is not None else "-" for x in f)
         return (f"acceptance {self.accept_rate:.2f}, wait {w} ms (behind another round {wb} ms, overhead "
-                f"{self.overhead_ms:.1f} ms), draft {d} ms/token: split {self.split(k)} of {k}")
+                f"{self.overhead_ms:.1f} ms), draft {d} ms/token ({db} with a round in flight): split "
+                f"{self.split(k)} of {k}")
 
     def chain_time(self, j: int, k: int) -> float:
         """T(j): expected ms from a restart to the verdict that ends a chain of k drafts sent as [y, d1..dj] + the rest."""
-        a, d, w = self.accept_rate, self.draft_ms_per_token.value or 0.0, self.wait_ms.value or 0.0
+        a, d, w, db = self.accept_rate, self.draft_ms_per_token.value or 0.0, self.wait_ms.value or 0.0, self.draft_busy_ms
         if j >= k:
             return k * d + w
         q = a ** (j + 1)
-        return q * (k * d + w) + (1 - q) * max(j * d + w, k * d) + self.overhead_ms
+        rest = j * d + (k - j) * db
+        return q * (rest + w) + (1 - q) * max(j * d + w, rest) + self.overhead_ms
 
     def split(self, k: int) -> int:
         """Drafts in the first round of a chain of k (k: no split, as si). Unmeasured: k."""
@@ -114,6 +128,6 @@ class DsiPolicy:
         p = self.accept_rate ** assumed
         if p < self.min_valid_prob:
             return False
-        draft = depth * (self.draft_ms_per_token.value or 0.0)
+        draft = depth * self.draft_busy_ms
         gain = p * remaining_ms - max(0.0, draft - remaining_ms)
         return gain >= (1 - p) * (draft + self.overhead_ms)
