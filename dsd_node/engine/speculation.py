@@ -25,17 +25,17 @@ that minimizes T; j = k is si's round.
 
 Past the chain. One more round on top of those in flight (the guess for the last one's added token and
 k drafts) is usable with probability p = a^S, S the tokens it assumes. Sent now, and usable, its verdict
-comes the remaining wait R of the newest round in flight earlier; its drafting (m·D) blocks the head's
+comes the remaining wait R of the newest round in flight earlier; its drafting (m·D') blocks the head's
 loop, and when it is wasted that drafting and its stage compute were taken from the rounds that count:
 
-    send iff p >= min_valid_prob and p·R - max(0, m·D - R) > (1 - p)·(m·D + overhead)
+    send iff p >= min_valid_prob and p·R - max(0, m·D' - R) > (1 - p)·(m·D' + overhead)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROUND_OVERHEAD_MS_PER_STAGE = 2.0  # one more round message through a stage (measured: ~2 ms per hop, 2 cores)
+ROUND_OVERHEAD_MS_PER_STAGE = 2.0  # prior for one more round through a stage (~2 ms per hop: DESIGN.md)
 
 
 @dataclass
