@@ -438,3 +438,13 @@ async def test_dsi_over_a_timed_pipeline_stays_exact(alpha):
         for mode in ("si", "dsi"):
             ms, out = await sim_generate(mode, alpha, costs, seed, n=24)
             assert len(out) == 24 and ms > 0
+
+
+async def test_min_valid_prob_zero_always_pipelines():
+    # what the one-process engine tests use to drive rounds in flight and rollbacks with real models
+    pol = DsiPolicy(0.0, 4)
+    assert pol.speculate(50, 5, 0.0)
+    out, head, _ = await generate(dsi(3, 3, max_new_tokens=30, min_valid_prob=0.0), ScriptedDrafter(wrong_at={2: 1}),
+                                  depth=3, policy=pol)
+    assert out == greedy(PROMPT, 30)
+    assert max(head.stats.inflight) == 2 and head.stats.rounds_wasted > 0
