@@ -82,7 +82,9 @@ class DsiPolicy:
         self.tries += tries
 
     def saw_draft_time(self, ms: float, n_tokens: int, busy: bool = False) -> None:
-        if n_tokens > 0:
+        """One draft call. A call of one token is mostly the drafter catching up with the verdict (feeding the
+        accepted tokens, cutting its cache): not a cost per token, so it is not taken."""
+        if n_tokens > 1:
             (self.draft_busy_ms_per_token if busy else self.draft_ms_per_token).add(ms / n_tokens)
 
     @property
