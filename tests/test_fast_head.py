@@ -166,7 +166,7 @@ def frozen(alpha: float, wait_ms: float, draft_ms: float, stages: int = 4, min_v
            overhead_ms: float = 8.0) -> DsiPolicy:
     """A policy whose figures stay as given whatever the scripted pipeline's timing (weight 0, a huge prior)."""
     return DsiPolicy(min_valid_prob, stages, alpha * 1e9, 1e9, Ewma(wait_ms, 0.0), Ewma(draft_ms, 0.0),
-                     Ewma(wait_ms + overhead_ms, 0.0), Ewma(draft_ms, 0.0))
+                     Ewma(wait_ms + overhead_ms, 0.0), Ewma(draft_ms, 0.0), explore_every=0)
 
 
 def chain(k: int, **kw) -> GenerationConfig:
@@ -336,6 +336,23 @@ def test_policy_splits_a_chain_where_an_early_miss_is_likely_and_not_where_it_is
     assert frozen(0.7, 40, 11, overhead_ms=2).split(4) == 1
 
 
+def test_policy_lets_the_realized_chain_times_overrule_the_model():
+    p = frozen(0.7, 150, 11)
+    p.explore_every = 4
+    assert p.model_split(4) == 1
+    assert p.split(4) == 4  # si's way first, to have something to compare with
+    p.saw_chain(False, 300.0, 3)
+    assert p.split(4) == 1  # then the split
+    p.saw_chain(True, 600.0, 3)  # the split was slower here (e.g. drafting and stages sharing two cores)
+    assert p.split(4) == 4
+    p.saw_chain(False, 300.0, 3)
+    assert p.split(4) == 4
+    p.saw_chain(False, 300.0, 3)
+    assert p.split(4) == 1  # every 4th chain tries the other way again
+    p.saw_chain(True, 100.0, 5)  # and now the split is faster overall: 700 ms / 8 tokens < 900 / 9
+    assert p.chain_rate(True) < p.chain_rate(False) and p.split(4) == 1
+
+
 def test_policy_measures_the_overhead_of_a_round_behind_another_from_the_waits():
     p = DsiPolicy(0.35, 4)
     assert p.overhead_ms == 8.0  # not measured yet: 2 ms per stage
@@ -380,7 +397,7 @@ class Recording(DsiPolicy):
 
 async def test_dsi_split_chain_restarts_from_the_first_rounds_verdict_when_it_misses():
     drafter = ScriptedDrafter(wrong_at={0: 0})  # the first round's only draft is wrong: its second round is wasted
-    policy = Recording(0.35, 4, 0.7e9, 1e9, Ewma(150, 0.0), Ewma(11, 0.0), Ewma(158, 0.0), Ewma(11, 0.0))
+    policy = Recording(0.35, 4, 0.7e9, 1e9, Ewma(150, 0.0), Ewma(11, 0.0), Ewma(158, 0.0), Ewma(11, 0.0), 0)
     out, head, pipe = await generate(dsi(4, 3, max_new_tokens=20), drafter, depth=4, policy=policy)
     assert out == greedy(PROMPT, 20)
     assert pipe.received[0].accepted == list(range(len(PROMPT))) and head.stats.rounds_wasted == 1
@@ -403,6 +420,17 @@ async def test_dsi_is_si_when_there_is_no_wait_to_hide_drafting_in():
     assert out == greedy(PROMPT, 30)
     assert max(head.stats.inflight) == 0 and head.stats.rounds_wasted == 0
     assert [m.tree for m in pipe.sent] == [m.tree for m in si_pipe.sent]
+
+
+async def test_dsi_tries_si_and_the_split_and_keeps_the_faster():
+    # the scripted pipeline answers at once, so the realized chains decide, whatever the frozen model says
+    p = frozen(0.7, 150, 11)
+    p.explore_every = 4
+    out, head, _ = await generate(dsi(4, 3, max_new_tokens=60), ScriptedDrafter(wrong_at={3: 0, 6: 2}), depth=4,
+                                  policy=p)
+    assert out == greedy(PROMPT, 60)
+    assert p.chain_count[False] >= 1 and p.chain_count[True] >= 1
+    assert 0 < sum(p.chain_tokens.values()) <= len(out)  # every chain's tokens counted once, the prompt's not
 
 
 async def test_dsi_speculates_past_the_chain_when_whole_rounds_are_likely():

@@ -82,6 +82,7 @@ class Head:
         self.policy = policy or DsiPolicy(cfg.min_valid_prob, pipeline_depth)  # dsi: measured figures, decisions
         self.chain_left = 0  # dsi: drafts of the current chain still to send (the second round of a split)
         self.wasted_until = 0.0  # when the wasted rounds still in the pipeline are expected out of it
+        self.chain: tuple[float, int, bool] | None = None  # dsi: the chain under way: start, len(known), split
 
     @property
     def generated(self) -> list[int]:
@@ -96,10 +97,16 @@ class Head:
         when splitting the chain pays (the rest goes next, on top of it)."""
         k = self.cfg.draft_k
         if self.cfg.mode != "dsi" or self.drafter_down or (self.cfg.max_inflight or self.pipeline_depth) < 2:
-            self.chain_left = 0
+            self.chain_left, self.chain = 0, None
             return k
+        now = time.perf_counter()
+        if self.chain is not None:  # the chain before this one ended with the verdict just taken
+            start, n_known, split = self.chain
+            self.policy.saw_chain(split, (now - start) * 1e3, len(self.known) - n_known)
         j = self.policy.split(k)
         self.chain_left = k - j
+        # the prompt's chain also prefills: not a chain's time
+        self.chain = (now, len(self.known), j < k) if len(self.known) > self.n_prompt or self.stats.rounds else None
         return j
 
     def _next_depth(self) -> int:

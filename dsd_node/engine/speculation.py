@@ -59,6 +59,8 @@ class DsiPolicy:
     draft_ms_per_token: Ewma = None
     wait_behind_ms: Ewma = None  # send -> verdict, rounds sent behind another one (in flight or wasted)
     draft_busy_ms_per_token: Ewma = None  # drafting while a round is in flight
+    explore_every: int = 4  # once both ways of sending a chain are measured, try the other one every n-th chain
+    # (0: follow the model alone)
 
 
     def __post_init__(self) -> None:
@@ -66,6 +68,9 @@ class DsiPolicy:
         self.draft_ms_per_token = self.draft_ms_per_token or Ewma()
         self.wait_behind_ms = self.wait_behind_ms or Ewma()
         self.draft_busy_ms_per_token = self.draft_busy_ms_per_token or Ewma()
+        self.chain_ms = {False: 0.0, True: 0.0}  # realized time of whole chains, sent as one round / split
+        self.chain_tokens = {False: 0, True: 0}
+        self.chain_count = {False: 0, True: 0}
 
     @property
     def accept_rate(self) -> float:
@@ -106,7 +111,8 @@ class DsiPolicy:
         w, wb, d, db = (f"{x:.1f}" if x is not None else "-" for x in f)
         return (f"acceptance {self.accept_rate:.2f}, wait {w} ms (behind another round {wb} ms, overhead "
                 f"{self.overhead_ms:.1f} ms), draft {d} ms/token ({db} with a round in flight): split "
-                f"{self.split(k)} of {k}")
+                f"{self.model_split(k)} of {k}; realized ms/token: one round {_f(self.chain_rate(False))} "
+                f"({self.chain_count[False]} chains), split {_f(self.chain_rate(True))} ({self.chain_count[True]})")
 
     def chain_time(self, j: int, k: int) -> float:
         """T(j): expected ms from a restart to the verdict that ends a chain of k drafts sent as [y, d1..dj] + the rest."""
@@ -117,11 +123,37 @@ class DsiPolicy:
         rest = j * d + (k - j) * db
         return q * (rest + w) + (1 - q) * max(j * d + w, rest) + self.overhead_ms
 
-    def split(self, k: int) -> int:
-        """Drafts in the first round of a chain of k (k: no split, as si). Unmeasured: k."""
+    def saw_chain(self, split: bool, ms: float, tokens: int) -> None:
+        """A chain ended (the next one starts): how long it took from its start and the tokens it committed."""
+        self.chain_ms[split] += ms
+        self.chain_tokens[split] += tokens
+        self.chain_count[split] += 1
+
+    def chain_rate(self, split: bool) -> float | None:
+        """Realized ms per committed token of the chains sent one way (None before one is measured)."""
+        return self.chain_ms[split] / self.chain_tokens[split] if self.chain_tokens[split] else None
+
+    def model_split(self, k: int) -> int:
+        """The j that minimizes T(j) (k: no split, as si). Unmeasured: k."""
         if not self.measured() or k <= 1:
             return k
         return min(range(k, -1, -1), key=lambda j: (round(self.chain_time(j, k), 6), -j))  # ties: the larger j
+
+    def split(self, k: int) -> int:
+        """Drafts in the first round of the next chain of k. The model proposes; what the chains sent each way
+        realize (ms per committed token, this session) decides: si's way first, then the split, then the faster
+        of the two, with the other tried every `explore_every`-th chain (the model ignores what the machine
+        adds: drafting and stages taking turns on shared cores, a busier pipeline)."""
+        j = self.model_split(k)
+        if j >= k or self.explore_every <= 0:
+            return j
+        if not self.chain_count[False]:
+            return k
+        if not self.chain_count[True]:
+            return j
+        split_better = self.chain_rate(True) <= self.chain_rate(False)
+        explore = (self.chain_count[False] + self.chain_count[True]) % self.explore_every == 0
+        return j if split_better != explore else k
 
     def speculate(self, assumed: int, depth: int, remaining_ms: float) -> bool:
         """Send a round of `depth` drafted tokens that assumes `assumed` unverified tokens now?
@@ -136,3 +168,7 @@ class DsiPolicy:
         draft = depth * self.draft_busy_ms
         gain = p * remaining_ms - max(0.0, draft - remaining_ms)
         return gain >= (1 - p) * (draft + self.overhead_ms)
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
