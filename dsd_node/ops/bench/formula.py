@@ -55,7 +55,7 @@ def predicted_dsi_over_si(alpha: float, k: int, stages: int, round_ms: float, dr
     d = max(0.0, draft_ms_per_token)
     w = max(0.0, round_ms - k * d)
     pol = DsiPolicy(min_valid_prob, stages, min(alpha, 1.0) * 1e9, 1e9, Ewma(w, 0.0), Ewma(d, 0.0))
-    j = pol.split(k)
+    j = pol.model_split(k)
     if j < k:
         return round_ms / pol.chain_time(j, k)
     if not pol.speculate(k + 1, k + 1, w):
