@@ -17,6 +17,7 @@ from dsd_node.engine.config import GenerationConfig, TreeShape
 from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.head import Head
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
+from dsd_node.engine.speculation import DsiPolicy, Ewma
 from dsd_node.engine.tree import TokenTree
 
 V = 97
@@ -132,15 +133,20 @@ async def generate(
     eos: int | None = None,
     depth: int = 1,
     prompt: list[int] = PROMPT,
+    policy: DsiPolicy | None = None,
 ):
-    """Run the head, flush its last commits, and check what every stage would hold afterwards."""
+    """Run the head, flush its last commits, and check what every stage would hold afterwards.
+
+    dsi runs with `eager()` unless a policy is given: the protocol tests want rounds in flight."""
     pipe = pipe or ScriptedPipeline()
+    if policy is None and cfg.mode == "dsi":
+        policy = eager()
     streamed: list[int] = []
 
     async def on_tokens(toks: list[int]) -> None:
         streamed.extend(toks)
 
-    head = Head(SID, pipe, drafter, cfg, eos_token_id=eos, on_tokens=on_tokens, pipeline_depth=depth)
+    head = Head(SID, pipe, drafter, cfg, eos_token_id=eos, on_tokens=on_tokens, pipeline_depth=depth, policy=policy)
     out = await head.run(list(prompt))
     assert streamed == out
     await head.flush()
@@ -151,14 +157,25 @@ async def generate(
     return out, head, pipe
 
 
+def eager() -> DsiPolicy:
+    """A policy that believes every draft is right and that rounds cost nothing: as many rounds in flight as allowed."""
+    return DsiPolicy(min_valid_prob=0.05, stages=0, hits=1e9, tries=1e9)
+
+
+def frozen(alpha: float, wait_ms: float, draft_ms: float, stages: int = 4, min_valid_prob: float = 0.35,
+           overhead_ms: float = 8.0) -> DsiPolicy:
+    """A policy whose figures stay as given whatever the scripted pipeline's timing (weight 0, a huge prior)."""
+    return DsiPolicy(min_valid_prob, stages, alpha * 1e9, 1e9, Ewma(wait_ms, 0.0), Ewma(draft_ms, 0.0),
+                     Ewma(wait_ms + overhead_ms, 0.0), Ewma(draft_ms, 0.0), explore_every=0)
+
+
 def chain(k: int, **kw) -> GenerationConfig:
     return GenerationConfig(mode="si", draft_k=k, tree=TreeShape(branch=0), **kw)
 
 
 def dsi(k: int, inflight: int, **kw) -> GenerationConfig:
-    return GenerationConfig(
-        mode="dsi", draft_k=k, tree=TreeShape(branch=0), max_inflight=inflight, min_valid_prob=0.05, **kw
-    )
+    kw = {"tree": TreeShape(branch=0), "min_valid_prob": 0.05, **kw}
+    return GenerationConfig(mode="dsi", draft_k=k, max_inflight=inflight, **kw)
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -296,3 +313,166 @@ async def test_bad_configurations_are_refused():
         Head(SID, ScriptedPipeline(), ScriptedDrafter(), GenerationConfig(mode="fast"))
     with pytest.raises(ValueError, match="empty prompt"):
         await Head(SID, ScriptedPipeline(), ScriptedDrafter(), GenerationConfig()).run([])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dsi's scheduling from measured figures (dsd_node.engine.speculation): split chains, speculation past them
+
+
+def test_policy_splits_a_chain_where_an_early_miss_is_likely_and_not_where_it_is_rare():
+    # 2-core figures of oracle:ALPHA at N=4, t1=25 ms: ~11 ms per drafted token, ~150 ms from send to verdict
+    assert frozen(0.7, 150, 11).split(4) == 1
+    assert frozen(0.6, 150, 11).split(4) == 1
+    assert frozen(0.95, 150, 11).split(4) == 4  # the chain is usually accepted whole: one round, as si
+    assert frozen(0.7, 150, 0).split(4) == 4  # drafting costs nothing: nothing to hide behind the first round
+    p = frozen(0.7, 150, 11)
+    assert p.chain_time(1, 4) < p.chain_time(4, 4) == 4 * 11 + 150
+    # a compute-bound pipeline (t1 = 0): a round sent behind another waits a whole pass longer: no split
+    assert frozen(0.7, 40, 11, overhead_ms=40).split(4) == 4
+    # drafting B competes with A's compute (the drafter shares cores with the stages): twice as slow, no split
+    busy = frozen(0.7, 150, 11)
+    busy.draft_busy_ms_per_token = Ewma(22.0, 0.0)
+    assert busy.split(4) == 4
+    assert frozen(0.7, 40, 11, overhead_ms=2).split(4) == 1
+
+
+def test_policy_lets_the_realized_chain_times_overrule_the_model():
+    p = frozen(0.7, 150, 11)
+    p.explore_every = 4
+    assert p.model_split(4) == 1
+    assert p.split(4) == 4  # si's way first, to have something to compare with
+    p.saw_chain(False, 300.0, 3)
+    assert p.split(4) == 1  # then the split
+    p.saw_chain(True, 600.0, 3)  # the split was slower here (e.g. drafting and stages sharing two cores)
+    assert p.split(4) == 4
+    p.saw_chain(False, 300.0, 3)
+    assert p.split(4) == 4
+    p.saw_chain(False, 300.0, 3)
+    assert p.split(4) == 1  # every 4th chain tries the other way again
+    p.saw_chain(True, 100.0, 5)  # and now the split is faster overall: 700 ms / 8 tokens < 900 / 9
+    assert p.chain_rate(True) < p.chain_rate(False) and p.split(4) == 1
+
+
+def test_policy_measures_the_overhead_of_a_round_behind_another_from_the_waits():
+    p = DsiPolicy(0.35, 4)
+    assert p.overhead_ms == 8.0  # not measured yet: 2 ms per stage
+    for _ in range(20):
+        p.saw_wait(60.0)
+        p.saw_wait(95.0, behind=True)
+    assert p.overhead_ms == pytest.approx(35.0)
+    p.saw_wait(10.0, behind=True)
+    assert p.overhead_ms < 35.0
+
+
+def test_policy_speculates_past_the_chain_only_when_the_round_is_likely_used_and_the_wait_hides_it():
+    assert frozen(0.95, 150, 2).speculate(5, 5, 150)
+    assert not frozen(0.7, 150, 2).speculate(5, 5, 150)  # p = 0.7^5 = 0.17: below min_valid_prob
+    assert not frozen(0.95, 150, 11).speculate(5, 5, 20)  # little wait left to hide 55 ms of drafting in
+    assert not frozen(0.95, 30, 11, min_valid_prob=0.05).speculate(5, 5, 0)  # t1 = 0: nothing to hide
+
+
+async def test_dsi_sends_a_split_chain_as_two_rounds_with_the_tokens_si_would_send():
+    drafter = ScriptedDrafter()
+    cfg = dsi(4, 3, max_new_tokens=20)
+    out, head, pipe = await generate(cfg, drafter, depth=4, policy=frozen(0.7, 150, 11))
+    assert out == greedy(PROMPT, 20)
+    assert [r.depth for r in drafter.requests[:4]] == [1, 3, 1, 3]  # [y, d1], then [d2, d3, d4] on top of it
+    assert head.stats.accepted_per_round[:4] == [2, 3, 2, 3] and head.stats.rounds_wasted == 0
+    a, b = pipe.sent[0], pipe.sent[1]
+    assert a.tree.tokens == PROMPT + greedy(PROMPT, 1) and b.base == [(0, list(range(len(PROMPT) + 1)))]
+    assert b.tree.tokens == greedy(PROMPT, 4)[1:] and b.tree.parents == [-1, 0, 1]
+    assert max(head.stats.inflight) == 1  # nothing past the chain: 0.7^4 is below min_valid_prob
+
+
+class Recording(DsiPolicy):
+    """A frozen policy that records which rounds' waits were taken as sent behind another round."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.behind: list[bool] = []
+
+    def saw_wait(self, ms: float, behind: bool = False) -> None:
+        self.behind.append(behind)
+
+
+async def test_dsi_split_chain_restarts_from_the_first_rounds_verdict_when_it_misses():
+    drafter = ScriptedDrafter(wrong_at={0: 0})  # the first round's only draft is wrong: its second round is wasted
+    policy = Recording(0.35, 4, 0.7e9, 1e9, Ewma(150, 0.0), Ewma(11, 0.0), Ewma(158, 0.0), Ewma(11, 0.0), 0)
+    out, head, pipe = await generate(dsi(4, 3, max_new_tokens=20), drafter, depth=4, policy=policy)
+    assert out == greedy(PROMPT, 20)
+    assert pipe.received[0].accepted == list(range(len(PROMPT))) and head.stats.rounds_wasted == 1
+    restart = pipe.sent[2]
+    assert restart.epoch == 1 and restart.base == [] and restart.commits == [(0, pipe.received[0].accepted)]
+    assert restart.tree.tokens == greedy(PROMPT, 2)  # y (the target's own token), then one draft: split again
+    # waits (the prompt's round prefills: not taken): the restart behind wasted round 1 (its expected 150 ms
+    # are not over), then the restart's second round behind it
+    assert policy.behind[:2] == [True, True]
+
+
+async def test_dsi_is_si_when_there_is_no_wait_to_hide_drafting_in():
+    # the scripted pipeline answers at once and drafts cost nothing: the measured figures say no split and
+    # nothing ahead, so dsi sends exactly si's rounds (also from the start: no bet before anything is measured)
+    cfg_si, cfg_dsi = chain(4, max_new_tokens=30), dsi(4, 3, max_new_tokens=30, min_valid_prob=0.35)
+    drafter = ScriptedDrafter(wrong_at={2: 1, 5: 3})
+    _, _, si_pipe = await generate(cfg_si, drafter)
+    drafter = ScriptedDrafter(wrong_at={2: 1, 5: 3})
+    out, head, pipe = await generate(cfg_dsi, drafter, depth=4, policy=DsiPolicy(0.35, 4))
+    assert out == greedy(PROMPT, 30)
+    assert max(head.stats.inflight) == 0 and head.stats.rounds_wasted == 0
+    assert [m.tree for m in pipe.sent] == [m.tree for m in si_pipe.sent]
+
+
+async def test_dsi_tries_si_and_the_split_and_keeps_the_faster():
+    # the scripted pipeline answers at once, so the realized chains decide, whatever the frozen model says
+    p = frozen(0.7, 150, 11)
+    p.explore_every = 4
+    out, head, _ = await generate(dsi(4, 3, max_new_tokens=60), ScriptedDrafter(wrong_at={3: 0, 6: 2}), depth=4,
+                                  policy=p)
+    assert out == greedy(PROMPT, 60)
+    assert p.chain_count[False] >= 1 and p.chain_count[True] >= 1
+    assert 0 < sum(p.chain_tokens.values()) <= len(out)  # every chain's tokens counted once, the prompt's not
+
+
+async def test_dsi_speculates_past_the_chain_when_whole_rounds_are_likely():
+    out, head, _ = await generate(dsi(4, 3, max_new_tokens=40), ScriptedDrafter(), depth=4,
+                                  policy=frozen(0.95, 150, 2))
+    assert out == greedy(PROMPT, 40)
+    assert max(head.stats.inflight) == 2 and head.stats.rounds_wasted == 0
+
+
+@pytest.mark.parametrize("policy", ["split", "ahead", "eager"])
+@pytest.mark.parametrize("seed", range(6))
+async def test_dsi_output_is_the_targets_whatever_the_misses(policy, seed):
+    import random
+
+    rng = random.Random(seed)
+    wrong_at = {c: rng.randrange(5) for c in range(60) if rng.random() < 0.5}
+    pol = {"split": frozen(0.6, 150, 11), "ahead": frozen(0.97, 150, 1), "eager": eager()}[policy]
+    cfg = dsi(4, 3, max_new_tokens=37, tree=TreeShape(branch=1, branch_depth=2))
+    out, head, _ = await generate(cfg, ScriptedDrafter(wrong_at, rescue=seed % 2 == 0), depth=4, policy=pol)
+    assert out == greedy(PROMPT, 37)
+    assert head.stats.rounds_wasted > 0 and max(head.stats.inflight) >= 1  # the scheme was exercised
+
+
+@pytest.mark.parametrize("alpha", [0.6, 0.9])
+async def test_dsi_over_a_timed_pipeline_stays_exact(alpha):
+    # the bench's simulator (dsd_node.ops.bench.dsi_sim): real waits (scaled down), so the policy measures real
+    # figures and splits chains or sends rounds past them as it would on a network; the output is checked there
+    from dsd_node.ops.bench.dsi_sim import Costs
+    from dsd_node.ops.bench.dsi_sim import generate as sim_generate
+
+    costs = Costs(stages=4, t1_ms=2.5, stage_ms=0.7, node_ms=0.15, draft_ms=1.1)
+    for seed in range(2):
+        for mode in ("si", "dsi"):
+            ms, out = await sim_generate(mode, alpha, costs, seed, n=24)
+            assert len(out) == 24 and ms > 0
+
+
+async def test_min_valid_prob_zero_always_pipelines():
+    # what the one-process engine tests use to drive rounds in flight and rollbacks with real models
+    pol = DsiPolicy(0.0, 4)
+    assert pol.speculate(50, 5, 0.0)
+    out, head, _ = await generate(dsi(3, 3, max_new_tokens=30, min_valid_prob=0.0), ScriptedDrafter(wrong_at={2: 1}),
+                                  depth=3, policy=pol)
+    assert out == greedy(PROMPT, 30)
+    assert max(head.stats.inflight) == 2 and head.stats.rounds_wasted > 0

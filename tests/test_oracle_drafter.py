@@ -9,7 +9,7 @@ import pytest
 from conftest import PROMPTS, hf_greedy
 
 from dsd_node.engine.config import DrafterSpec, GenerationConfig, TreeShape
-from dsd_node.ops.bench.formula import expected_tau, oracle_alpha, predicted_dsi_over_si
+from dsd_node.ops.bench.formula import dsi_over_si_bound, expected_tau, oracle_alpha, predicted_dsi_over_si
 from dsd_node.ops.bench.plan import BenchConfig
 
 
@@ -30,14 +30,21 @@ def test_theory_formulas() -> None:
     assert expected_tau(0.0, 4) == 1.0
     assert expected_tau(0.5, 2) == pytest.approx(1.75)  # 1 + 0.5 + 0.25
     assert oracle_alpha("oracle:0.6") == 0.6 and oracle_alpha("oracle") == 1.0 and oracle_alpha("embedded") is None
-    # a round usable with p = alpha^(k+1) < 0.35 is not speculated on: dsi = si
-    assert predicted_dsi_over_si(0.7, 4, 4, round_ms=100, compute_ms=10) == 1.0
-    # always usable and link-bound: m rounds in flight, a verdict every round_ms / m
-    assert predicted_dsi_over_si(1.0, 4, 4, round_ms=100, compute_ms=0) == pytest.approx(4.0)
-    # compute-bound: no faster than one round's compute per verdict
-    assert predicted_dsi_over_si(1.0, 4, 4, round_ms=100, compute_ms=50) == pytest.approx(2.0)
-    ratios = [predicted_dsi_over_si(a, 4, 4, 100, 10) for a in (0.5, 0.7, 0.85, 0.9, 0.95, 1.0)]
-    assert ratios == sorted(ratios) and ratios[-1] > ratios[2] > 1.0
+    # si's round at N=4, t1=25 ms on 2 cores: 4 drafts of 11 ms, then ~150 ms to the verdict
+    r = 4 * 11 + 150
+    # one round only in flight: dsi is si
+    assert predicted_dsi_over_si(0.7, 4, 4, r, 11, max_inflight=1) == 1.0
+    # split [y, d1] + [d2, d3, d4]: a miss at d1 or at d2 is known (k - 1) * D earlier, half the time at ALPHA 0.7
+    assert 1.02 < predicted_dsi_over_si(0.7, 4, 4, r, 11, max_inflight=3) < 1.1
+    # drafting costs nothing: nothing to overlap, and past the chain p = 0.7^5 is too small
+    assert predicted_dsi_over_si(0.7, 4, 4, 150, 0, max_inflight=3) == 1.0
+    # always usable, cheap drafts: rounds past the chain, a verdict every round / m
+    assert predicted_dsi_over_si(1.0, 4, 4, 100, 0.1, max_inflight=4) == pytest.approx(4.0)
+    # the bound when misses are never rescued: 1 / (1 - ALPHA^(k+1)) with free drafts, and below 1.3 at ALPHA 0.7
+    assert dsi_over_si_bound(0.7, 4, 150, 0) == pytest.approx(1 / (1 - 0.7**5))
+    assert dsi_over_si_bound(0.7, 4, r, 11) < 1.3 < dsi_over_si_bound(0.8, 4, r, 11)
+    for a in (0.5, 0.6, 0.7, 0.8, 0.9):
+        assert 1.0 <= predicted_dsi_over_si(a, 4, 4, r, 11, 3) <= dsi_over_si_bound(a, 4, r, 11)
 
 
 def test_bench_accepts_oracle_alpha_drafters() -> None:

@@ -54,7 +54,7 @@ class GenerationConfig:
     draft_k: int = 4
     tree: TreeShape = field(default_factory=TreeShape)
     max_inflight: int = 0  # dsi: most rounds in flight; 0 = one per pipeline stage
-    min_valid_prob: float = 0.35  # dsi: send another round only if it is this likely to be used
+    min_valid_prob: float = 0.35  # dsi: send a round past the chain only if this likely to be used (and it pays); 0: always
     sampling: SamplingParams = field(default_factory=SamplingParams)
     ignore_eos: bool = False
 

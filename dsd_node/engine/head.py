@@ -3,11 +3,14 @@
 Modes:
 - ar:  one token per pipeline pass (the baseline): each round is the next token alone.
 - si:  speculative inference: the round is the known next token y plus a draft tree; wait for its verdict.
-- dsi: speculation parallelism: up to max_inflight rounds in flight. While round r travels, round r+1
-       is drafted on the assumption that r's main path is accepted; its roots are candidates for the
-       token after it. When a verdict breaks that assumption, the epoch is bumped, the later rounds
-       are wasted, and drafting restarts from the committed text. The number of rounds in flight
-       adapts to how often whole rounds are accepted.
+- dsi: speculation parallelism: up to max_inflight rounds in flight. A round drafted while round r
+       travels assumes that r's main path is accepted; its roots are candidates for the token after it.
+       When a verdict breaks that assumption, the epoch is bumped, the later rounds are wasted, and
+       drafting restarts from the committed text. What is sent when comes from measurement
+       (dsd_node.engine.speculation): each chain of draft_k tokens, the one si would send as one
+       round, may go as two rounds (the first as soon as its first tokens are drafted, so a miss early
+       in the chain is known sooner), and a round past the chain is sent only when its chance of being
+       used pays for its cost.
 
 The transport is abstract (`Pipeline`): the in-process pipeline (dsd_node.engine.local) and the gRPC
 network (dsd_node.net.gateway) run exactly this loop.
@@ -15,7 +18,7 @@ network (dsd_node.net.gateway) run exactly this loop.
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -25,7 +28,10 @@ from typing import Protocol
 from dsd_node.engine.config import GenerationConfig, GenerationError, Stats
 from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
+from dsd_node.engine.speculation import DsiPolicy
 from dsd_node.engine.tree import TokenTree
+
+log = logging.getLogger("dsd.head")
 
 
 class Pipeline(Protocol):
@@ -49,6 +55,9 @@ class _Sent:
     tree: TokenTree
     main_path: list[int]  # nodes assumed accepted by the rounds drafted on top of this one
     assumed: list[int]  # tokens of main_path beyond what was known when it was sent
+    n_known: int = 1  # main_path nodes that are not this round's own drafts (prompt, y, or the guess checked before)
+    sent_at: float = 0.0
+    behind: bool = False  # sent behind another round still in the pipeline (in flight, or wasted and still going)
 
 
 class Head:
@@ -56,7 +65,7 @@ class Head:
 
     def __init__(self, session_id: str, pipeline: Pipeline, drafter: DraftSource | None, cfg: GenerationConfig,
                  eos_token_id: int | None = None, on_tokens: Callable[[list[int]], Awaitable[None]] | None = None,
-                 pipeline_depth: int = 1):
+                 pipeline_depth: int = 1, policy: DsiPolicy | None = None):
         cfg.validate()
         if cfg.mode != "ar" and drafter is None:
             raise ValueError(f"mode {cfg.mode} needs a drafter")
@@ -74,6 +83,10 @@ class Head:
         self.drafter_down = False  # the last draft failed: rounds go without one, one at a time
         self.valid_rate = 0.5  # running rate of rounds a successor could build on (drives the dsi depth)
         self.pipe_async = getattr(pipeline, "async_send", False)  # send returns before the round is computed
+        self.policy = policy or DsiPolicy(cfg.min_valid_prob, pipeline_depth)  # dsi: measured figures, decisions
+        self.chain_left = 0  # dsi: drafts of the current chain still to send (the second round of a split)
+        self.wasted_until = 0.0  # when the wasted rounds still in the pipeline are expected out of it
+        self.chain: tuple[float, int, bool] | None = None  # dsi: the chain under way: start, len(known), split
 
     @property
     def generated(self) -> list[int]:
@@ -83,14 +96,35 @@ class Head:
         gen = self.generated
         return len(gen) >= self.cfg.max_new_tokens or (self.eos is not None and self.eos in gen)
 
-    def _depth_limit(self) -> int:
-        if self.cfg.mode != "dsi" or self.drafter_down:  # no drafter now: no rounds on top of rounds
-            return 1
-        # the i-th round behind the oldest is still valid with probability ~ rate^i: speculate while
-        # that chance is at least min_valid_prob (wasted rounds cost stage compute, not link time)
-        rate = min(0.99, max(0.01, self.valid_rate))
-        depth = 1 + math.floor(math.log(self.cfg.min_valid_prob) / math.log(rate))
-        return max(1, min(self.cfg.max_inflight or self.pipeline_depth, depth))
+    def _first_depth(self) -> int:
+        """Drafts in a round that starts a chain (after the prompt or a known y): draft_k, or fewer in dsi
+        when splitting the chain pays (the rest goes next, on top of it)."""
+        k = self.cfg.draft_k
+        if self.cfg.mode != "dsi" or self.drafter_down or (self.cfg.max_inflight or self.pipeline_depth) < 2:
+            self.chain_left, self.chain = 0, None
+            return k
+        now = time.perf_counter()
+        if self.chain is not None:  # the chain before this one ended with the verdict just taken
+            start, n_known, split = self.chain
+            self.policy.saw_chain(split, (now - start) * 1e3, len(self.known) - n_known)
+        j = self.policy.split(k)
+        self.chain_left = k - j
+        # the prompt's chain also prefills: not a chain's time
+        self.chain = (now, len(self.known), j < k) if len(self.known) > self.n_prompt or self.stats.rounds else None
+        return j
+
+    def _next_depth(self) -> int:
+        """dsi: drafted tokens of the round to send now on top of those in flight (0: none now)."""
+        if self.cfg.mode != "dsi" or self.drafter_down or not self.inflight or \
+                len(self.inflight) >= (self.cfg.max_inflight or self.pipeline_depth) or \
+                len(self.generated) + self._speculated() >= self.cfg.max_new_tokens:
+            return 0
+        if self.chain_left:  # the rest of a split chain: si would have sent it already
+            return self.chain_left
+        depth = self.cfg.draft_k + 1  # the guess for the last round's added token, then draft_k
+        newest = self.inflight[-1]
+        remaining = newest.sent_at + (self.policy.wait_ms.value or 0.0) / 1e3 - time.perf_counter()
+        return depth if self.policy.speculate(self._speculated(), depth, max(0.0, remaining) * 1e3) else 0
 
     def _speculated(self) -> int:
         """Tokens beyond `known` that the rounds in flight assume: their drafts plus the token each verdict adds.
@@ -104,13 +138,16 @@ class Head:
         d = await self.drafter.draft(self.sid, req)
         self.drafter_down = False
         self.stats.draft_ms += d.draft_ms
+        self.policy.saw_draft_time(d.draft_ms, depth, busy=bool(self.inflight))
         return d
 
-    async def _send_round(self, prompt: list[int] | None) -> None:
+    async def _send_round(self, prompt: list[int] | None, depth: int) -> None:
+        """Send the next round: after the prompt or y (`depth` drafts; 0: none), or a pure draft of `depth` tokens
+        on top of the rounds in flight."""
         cfg = self.cfg
-        k = cfg.draft_k
         remaining = cfg.max_new_tokens - len(self.generated) - self._speculated()
-        k = max(1, min(k, remaining))
+        # a pure draft's first token is its guess for a token already counted in `remaining`
+        k = min(depth, max(1, remaining)) if prompt is not None or not self.inflight else max(1, min(depth, remaining + 1))
         if prompt is not None:  # first round: the prompt, given, plus a draft after it
             tree, main = TokenTree.chain(prompt, n_given=len(prompt)), list(range(len(prompt)))
             context, offset = prompt, len(prompt)
@@ -122,9 +159,9 @@ class Head:
             context, offset = self.known + [t for s in self.inflight for t in s.assumed], 0
         assumed: list[int] = []
         d = None
-        if cfg.mode != "ar":
+        if cfg.mode != "ar" and (k or not offset):
             try:
-                d = await self._draft(context, k if offset else k + 1)
+                d = await self._draft(context, k if offset else max(1, k))
             except DrafterUnavailable:
                 self.drafter_down = True
                 self.stats.drafter_failures += 1
@@ -142,16 +179,37 @@ class Head:
         msg = RoundMsg(self.sid, self.next_round, self.epoch, self.commits,
                        [(s.round_id, s.main_path) for s in self.inflight], tree, cfg.sampling)
         self.commits = []
+        if not offset:
+            self.chain_left = 0  # the chain's rest is sent (or a round past it)
         self.stats.inflight.append(len(self.inflight))
-        self.inflight.append(_Sent(self.next_round, tree, main, assumed))
+        now = time.perf_counter()
+        self.inflight.append(_Sent(self.next_round, tree, main, assumed, max(1, offset), now,
+                                   bool(self.inflight) or now < self.wasted_until))
         self.next_round += 1
         self.stats.rounds += 1
         await self.pipe.send(msg)
 
     def _invalidate(self) -> None:
+        wait = (self.policy.wait_ms.value or 0.0) / 1e3
+        self.wasted_until = max([self.wasted_until] + [s.sent_at + wait for s in self.inflight])
         self.stats.rounds_wasted += len(self.inflight)
         self.inflight.clear()
+        self.chain_left = 0
         self.epoch += 1
+
+    def _measure(self, sent: _Sent, v: VerdictMsg) -> None:
+        """The policy's figures from one verdict: the wait, and the round's own drafts along its main path."""
+        if not sent.tree.n_given:  # the prompt's round also prefills: its wait says nothing of a round's
+            self.policy.saw_wait((time.perf_counter() - sent.sent_at) * 1e3, sent.behind)
+        matched = 0
+        for a, b in zip(v.accepted, sent.main_path, strict=False):
+            if a != b:
+                break
+            matched += 1
+        drafts = len(sent.main_path) - sent.n_known
+        if matched >= sent.n_known and drafts > 0:
+            hits = matched - sent.n_known
+            self.policy.saw_drafts(hits, hits + (hits < drafts))
 
     def _on_verdict(self, v: VerdictMsg) -> None:
         """Commit a verdict; give up the rounds in flight that it makes invalid."""
@@ -163,13 +221,15 @@ class Head:
         self.commits.append((sent.round_id, v.accepted))
         self.known.extend(v.tokens)
         self.stats.accepted_per_round.append(len(v.tokens))
-        valid = v.accepted == sent.main_path
+        self._measure(sent, v)
         if self.inflight:
             nxt = self.inflight[0]
+            valid = v.accepted == sent.main_path
+            if valid and nxt.main_path:  # the next round's guess for the token this verdict added
+                self.policy.saw_drafts(int(self.known[-1] == nxt.tree.tokens[nxt.main_path[0]]), 1)
             valid = valid and self.known[-1] in [nxt.tree.tokens[i] for i, p in enumerate(nxt.tree.parents) if p < 0]
             if not valid:
                 self._invalidate()
-        self.valid_rate = 0.8 * self.valid_rate + 0.2 * float(valid)
 
     async def run(self, prompt: list[int]) -> list[int]:
         """Generate; returns the new tokens (cut at max_new_tokens and after the first EOS)."""
@@ -177,7 +237,7 @@ class Head:
             raise ValueError("empty prompt: give at least one token")
         t0 = time.perf_counter()
         self.known, self.n_prompt = list(prompt), len(prompt)
-        await self._send_round(prompt)
+        await self._send_round(prompt, self._first_depth())
         emitted = 0
         while True:
             await self._fill()
@@ -195,13 +255,16 @@ class Head:
                 break
         self.stats.new_tokens = len(self.trimmed())
         self.stats.wall_ms = (time.perf_counter() - t0) * 1e3
+        if self.cfg.mode == "dsi":
+            log.info("dsi %s: %s", self.sid, self.policy.describe(self.cfg.draft_k))
         return self.trimmed()
 
     async def _fill(self) -> None:
-        """Send rounds until the number in flight reaches the limit (dsi: more rounds on top of those in flight)."""
-        while len(self.inflight) < self._depth_limit() and \
-                len(self.generated) + self._speculated() < self.cfg.max_new_tokens:
-            await self._send_round(None)
+        """Send the next round when none is in flight, then (dsi) the rounds the policy puts on top of it."""
+        if not self.inflight:
+            await self._send_round(None, self._first_depth())
+        while depth := self._next_depth():
+            await self._send_round(None, depth)
 
     def trimmed(self) -> list[int]:
         gen = self.generated[: self.cfg.max_new_tokens]

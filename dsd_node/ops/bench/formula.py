@@ -8,6 +8,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from dsd_node.engine.speculation import DsiPolicy, Ewma
 from dsd_node.ops.bench.plan import Cell
 
 MIN_CHECKED_T1_MS = 10.0  # cells below this are reported but not judged (the savings are within the noise)
@@ -38,22 +39,46 @@ def expected_tau(alpha: float, k: int) -> float:
     return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def predicted_dsi_over_si(alpha: float, k: int, max_inflight: int, round_ms: float, compute_ms: float,
-                          min_valid_prob: float = 0.35) -> float:
-    """A first-order model of our dsi against si (in the spirit of the DSI paper's analysis).
+def predicted_dsi_over_si(alpha: float, k: int, stages: int, round_ms: float, draft_ms_per_token: float,
+                          max_inflight: int, min_valid_prob: float = 0.35) -> float:
+    """Our dsi against si, from the head's own cost model (dsd_node.engine.speculation) fed the measured figures.
 
-    A dsi round drafted on top of the round in flight is usable when that round is accepted whole and its
-    next token guessed: p = alpha^(k+1). The head keeps m rounds in flight while p^(m-1) >= min_valid_prob
-    (at most max_inflight). si waits a whole round (round_ms: links + compute) per verdict; along a chain of
-    usable rounds dsi gets a verdict every max(round_ms / m, compute_ms) (one round's compute cannot overlap
-    itself on a machine this small), and after a wasted one it waits a whole round again:
-    dsi / si = round_ms / (p * max(round_ms / m, compute_ms) + (1 - p) * round_ms)."""
-    p = min(alpha, 1.0) ** (k + 1)
-    m = max_inflight if p >= 1.0 else 1 + (math.floor(math.log(min_valid_prob) / math.log(p)) if p > 0 else 0)
-    m = max(1, min(max_inflight, m))
-    if m == 1 or round_ms <= 0:
+    si spends round_ms per round: k drafted tokens (draft_ms_per_token each, D) and the wait W for the verdict.
+    dsi sends the same chain of k drafts as [y, d1..dj] + the rest when that makes the expected time to the
+    verdict that ends the chain, T(j), shorter than si's k*D + W; same tokens, so dsi / si = (k*D + W) / T(j).
+    Where no split pays, a round past the chain (usable with p = alpha^(k+1)) is sent when the policy says
+    so; then, as in the DSI paper's analysis, along a chain of usable rounds a verdict comes every
+    max(round_ms / m, (k+1)*D) (drafting the next round cannot overlap itself), m rounds in flight while
+    p^(m-1) >= min_valid_prob, and after a wasted one a whole round again."""
+    if max_inflight < 2 or round_ms <= 0:
         return 1.0
-    return round_ms / (p * max(round_ms / m, compute_ms) + (1.0 - p) * round_ms)
+    d = max(0.0, draft_ms_per_token)
+    w = max(0.0, round_ms - k * d)
+    pol = DsiPolicy(min_valid_prob, stages, min(alpha, 1.0) * 1e9, 1e9, Ewma(w, 0.0), Ewma(d, 0.0))
+    j = pol.model_split(k)
+    if j < k:
+        return round_ms / pol.chain_time(j, k)
+    if not pol.speculate(k + 1, k + 1, w):
+        return 1.0
+    p = min(alpha, 1.0) ** (k + 1)
+    m = max_inflight if p >= 1.0 else 1 + math.floor(math.log(min_valid_prob) / math.log(p))
+    m = max(2, min(max_inflight, m))
+    return round_ms / (p * max(round_ms / m, (k + 1) * d) + (1.0 - p) * round_ms)
+
+
+def dsi_over_si_bound(alpha: float, k: int, round_ms: float, draft_ms_per_token: float) -> float:
+    """The most any pipelined schedule can gain over si when a miss is never rescued (oracle:ALPHA: at a miss the
+    drafter never proposes the target's token, so no tree holds it).
+
+    After each miss the token that follows is known only from a verdict, so each run of accepted drafts ends
+    with a whole wait W; it holds 1/(1 - alpha) tokens on average (geometric, the correction included), and
+    its m tokens must be drafted one after another first (m*D). si commits tau = (1 - alpha^(k+1)) / (1 - alpha)
+    tokens per k*D + W. Bound: (k*D + W) / ((W + D / (1 - alpha)) * (1 - alpha^(k+1)))."""
+    if alpha >= 1.0:
+        return float("inf")
+    d = max(0.0, draft_ms_per_token)
+    w = max(0.0, round_ms - k * d)
+    return round_ms / ((w + d / (1.0 - alpha)) * (1.0 - alpha ** (k + 1)))
 
 
 def link_ms_per_token(links: int, t1_ms: float, tau: float) -> float:

@@ -1,0 +1,174 @@
+"""How dsi schedules its rounds: where to split a round's draft chain, and whether to speculate past it.
+
+The head measures, per session, what the choice depends on (as Sequoia sizes its trees from measured
+acceptance and verify cost): the per-token acceptance a (every draft token a verdict checked: hits and
+misses along the main path), the wait W from sending a round to its verdict, and the drafter's cost D
+per drafted token (as the head waits for it).
+
+Split. si drafts a chain of k tokens, then sends [y, d1..dk] and waits. dsi sends the same chain in two
+rounds: A = [y, d1..dj] as soon as j tokens are drafted, then B = [d(j+1)..dk] built on A. Nothing is
+bet that si would not draft anyway: B's tokens are si's own. When A's verdict stops inside A (its drafts
+miss, or its added token is not d(j+1)), B is wasted but the next round starts from A's verdict, up to
+(k - j)·D earlier than si's; when it does not, B's verdict arrives when si's would have. With
+q = a^(j+1), the expected time from a restart to the verdict that ends the chain is
+
+    T(j) = q·(j·D + (k - j)·D' + W) + (1 - q)·max(j·D + W, j·D + (k - j)·D') + [j < k]·overhead
+
+(the head drafts B while A travels, so A's verdict is read after B is drafted). D' is the drafting time per
+token measured while a round is in flight: where the drafter shares cores (or, colocated with stage 0, a
+process) with the pipeline, drafting B competes with A's compute and D' > D. `overhead` is what a round
+costs the rounds behind it: measured as the wait of rounds sent behind another one still in the pipeline
+(B, or the round after a wasted one) less the wait of rounds sent alone. Where the pipeline is compute-
+bound (t1 = 0 on two cores) that is a whole pass, and the head stops splitting; where it is link-bound,
+about nothing. Before it is measured it is ROUND_OVERHEAD_MS_PER_STAGE per stage. The head takes the j
+that minimizes T; j = k is si's round.
+
+Past the chain. One more round on top of those in flight (the guess for the last one's added token and
+k drafts) is usable with probability p = a^S, S the tokens it assumes. Sent now, and usable, its verdict
+comes the remaining wait R of the newest round in flight earlier; its drafting (m·D') blocks the head's
+loop, and when it is wasted that drafting and its stage compute were taken from the rounds that count:
+
+    send iff p >= min_valid_prob and p·R - max(0, m·D' - R) > (1 - p)·(m·D' + overhead)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROUND_OVERHEAD_MS_PER_STAGE = 2.0  # prior for one more round through a stage (~2 ms per hop: DESIGN.md)
+
+
+@dataclass
+class Ewma:
+    value: float | None = None
+    weight: float = 0.3
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.weight) * self.value + self.weight * x
+
+
+@dataclass
+class DsiPolicy:
+    """The measured figures of one session and the two decisions made from them."""
+
+    min_valid_prob: float = 0.35
+    stages: int = 1
+    hits: float = 1.0  # per-token acceptance: a Beta(1, 1) prior, so a = 0.5 before any verdict
+    tries: float = 2.0
+    wait_ms: Ewma = None  # send -> verdict, rounds sent with none ahead of them in the pipeline
+    draft_ms_per_token: Ewma = None
+    wait_behind_ms: Ewma = None  # send -> verdict, rounds sent behind another one (in flight or wasted)
+    draft_busy_ms_per_token: Ewma = None  # drafting while a round is in flight
+    explore_every: int = 4  # once both ways of sending a chain are measured, try the other one every n-th chain
+    # (0: follow the model alone)
+
+
+    def __post_init__(self) -> None:
+        self.wait_ms = self.wait_ms or Ewma()
+        self.draft_ms_per_token = self.draft_ms_per_token or Ewma()
+        self.wait_behind_ms = self.wait_behind_ms or Ewma()
+        self.draft_busy_ms_per_token = self.draft_busy_ms_per_token or Ewma()
+        self.chain_ms = {False: 0.0, True: 0.0}  # realized time of whole chains, sent as one round / split
+        self.chain_tokens = {False: 0, True: 0}
+        self.chain_count = {False: 0, True: 0}
+
+    @property
+    def accept_rate(self) -> float:
+        return self.hits / self.tries
+
+    @property
+    def overhead_ms(self) -> float:
+        if self.wait_behind_ms.value is None or self.wait_ms.value is None:
+            return ROUND_OVERHEAD_MS_PER_STAGE * self.stages
+        return max(0.0, self.wait_behind_ms.value - self.wait_ms.value)
+
+    def saw_drafts(self, hits: int, tries: int) -> None:
+        self.hits += hits
+        self.tries += tries
+
+    def saw_draft_time(self, ms: float, n_tokens: int, busy: bool = False) -> None:
+        """One draft call. A call of one token is mostly the drafter catching up with the verdict (feeding the
+        accepted tokens, cutting its cache): not a cost per token, so it is not taken."""
+        if n_tokens > 1:
+            (self.draft_busy_ms_per_token if busy else self.draft_ms_per_token).add(ms / n_tokens)
+
+    @property
+    def draft_busy_ms(self) -> float:
+        """D': drafting per token with a round in flight (D until measured)."""
+        busy = self.draft_busy_ms_per_token.value
+        return busy if busy is not None else (self.draft_ms_per_token.value or 0.0)
+
+    def saw_wait(self, ms: float, behind: bool = False) -> None:
+        (self.wait_behind_ms if behind else self.wait_ms).add(ms)
+
+    def measured(self) -> bool:
+        return self.wait_ms.value is not None and self.draft_ms_per_token.value is not None
+
+    def describe(self, k: int) -> str:
+        """The measured figures and the split they give, for the log."""
+        f = [self.wait_ms.value, self.wait_behind_ms.value, self.draft_ms_per_token.value,
+             self.draft_busy_ms_per_token.value]
+        w, wb, d, db = (f"{x:.1f}" if x is not None else "-" for x in f)
+        return (f"acceptance {self.accept_rate:.2f}, wait {w} ms (behind another round {wb} ms, overhead "
+                f"{self.overhead_ms:.1f} ms), draft {d} ms/token ({db} with a round in flight): split "
+                f"{self.model_split(k)} of {k}; realized ms/token: one round {_f(self.chain_rate(False))} "
+                f"({self.chain_count[False]} chains), split {_f(self.chain_rate(True))} ({self.chain_count[True]})")
+
+    def chain_time(self, j: int, k: int) -> float:
+        """T(j): expected ms from a restart to the verdict that ends a chain of k drafts sent as [y, d1..dj] + the rest."""
+        a, d, w, db = self.accept_rate, self.draft_ms_per_token.value or 0.0, self.wait_ms.value or 0.0, self.draft_busy_ms
+        if j >= k:
+            return k * d + w
+        q = a ** (j + 1)
+        rest = j * d + (k - j) * db
+        return q * (rest + w) + (1 - q) * max(j * d + w, rest) + self.overhead_ms
+
+    def saw_chain(self, split: bool, ms: float, tokens: int) -> None:
+        """A chain ended (the next one starts): how long it took from its start and the tokens it committed."""
+        self.chain_ms[split] += ms
+        self.chain_tokens[split] += tokens
+        self.chain_count[split] += 1
+
+    def chain_rate(self, split: bool) -> float | None:
+        """Realized ms per committed token of the chains sent one way (None before one is measured)."""
+        return self.chain_ms[split] / self.chain_tokens[split] if self.chain_tokens[split] else None
+
+    def model_split(self, k: int) -> int:
+        """The j that minimizes T(j) (k: no split, as si). Unmeasured: k."""
+        if not self.measured() or k <= 1:
+            return k
+        return min(range(k, -1, -1), key=lambda j: (round(self.chain_time(j, k), 6), -j))  # ties: the larger j
+
+    def split(self, k: int) -> int:
+        """Drafts in the first round of the next chain of k. The model proposes; what the chains sent each way
+        realize (ms per committed token, this session) decides: si's way first, then the split, then the faster
+        of the two, with the other tried every `explore_every`-th chain (the model ignores what the machine
+        adds: drafting and stages taking turns on shared cores, a busier pipeline)."""
+        j = self.model_split(k)
+        if j >= k or self.explore_every <= 0:
+            return j
+        if not self.chain_count[False]:
+            return k
+        if not self.chain_count[True]:
+            return j
+        split_better = self.chain_rate(True) <= self.chain_rate(False)
+        explore = (self.chain_count[False] + self.chain_count[True]) % self.explore_every == 0
+        return j if split_better != explore else k
+
+    def speculate(self, assumed: int, depth: int, remaining_ms: float) -> bool:
+        """Send a round of `depth` drafted tokens that assumes `assumed` unverified tokens now?
+
+        remaining_ms: how long the newest round in flight is still expected to take. min_valid_prob 0: always
+        (up to max_inflight), whatever it costs: how tests drive pipelined rounds and rollbacks in one process."""
+        if self.min_valid_prob <= 0:
+            return True
+        p = self.accept_rate ** assumed
+        if p < self.min_valid_prob:
+            return False
+        draft = depth * self.draft_busy_ms
+        gain = p * remaining_ms - max(0.0, draft - remaining_ms)
+        return gain >= (1 - p) * (draft + self.overhead_ms)
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
