@@ -37,6 +37,10 @@ FUNCTION_WORDS = frozenset(
     "these those than then there here".split()
 )
 DELIMITERS = frozenset(",;:()[]{}\"'`.")
+# Default margins of the adaptive rule: chosen by `python -m dsd_node.ops.bench.adaptive` (the fastest setting whose
+# output the target finds at most QUALITY_BOUND times as perplexing as its greedy output; docs/bench.md)
+DEFAULT_ADAPTIVE_MARGIN = 0.05
+DEFAULT_ADAPTIVE_TIE_MARGIN = 0.01
 
 
 class Rule(IntEnum):
@@ -51,12 +55,13 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    adaptive_margin: float = 0.05
-    adaptive_tie_margin: float = 0.01
+    adaptive_margin: float = DEFAULT_ADAPTIVE_MARGIN
+    adaptive_tie_margin: float = DEFAULT_ADAPTIVE_TIE_MARGIN
 
     @staticmethod
     def create(temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, adaptive: bool = False,
-               adaptive_margin: float = 0.05, adaptive_tie_margin: float = 0.01) -> SamplingParams:
+               adaptive_margin: float = DEFAULT_ADAPTIVE_MARGIN,
+               adaptive_tie_margin: float = DEFAULT_ADAPTIVE_TIE_MARGIN) -> SamplingParams:
         """temperature 0 means greedy; adaptive relaxes greedy acceptance (lossy)."""
         if not (0 <= temperature < float("inf")) or not 0 < top_p <= 1:  # NaN fails both comparisons
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
