@@ -134,13 +134,19 @@ def drafter_only(args) -> None:
     text = EOS.join(p.read_text(errors="ignore") for p in files)
     ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
     print(f"corpus: {len(files)} files, {len(ids)} tokens", flush=True)
-    gen = torch.Generator().manual_seed(1)
-    seqs = greedy_continuations(target, ids, args.greedy_seqs, args.greedy_prefix, args.greedy_new, 128, gen)
+    cache = args.out / f"_greedy-{args.greedy_seqs}x{args.greedy_prefix}+{args.greedy_new}.pt"  # not shipped
+    if cache.exists():
+        seqs = torch.load(cache)
+    else:
+        seqs = greedy_continuations(target, ids, args.greedy_seqs, args.greedy_prefix, args.greedy_new, 128,
+                                    torch.Generator().manual_seed(1))
+        torch.save(seqs, cache)
     if args.init_drafter:  # fine-tune the drafter already in --out (trained by the full recipe)
         drafter = LlamaForCausalLM.from_pretrained(args.out / "drafter", dtype=torch.float32)
     else:
         drafter = LlamaForCausalLM(model_config(tok, args.drafter_hidden, args.drafter_layers, 4, 2,
                                                 2 * args.drafter_hidden))
+    gen = torch.Generator().manual_seed(2)
     train(drafter, mixed_batches(ids, seqs, args.batch, gen, args.corpus_share), args.drafter_steps, args.drafter_lr,
           "drafter", teacher=target, kl_weight=args.kl_weight)
     save(drafter, tok, args.out / "drafter")

@@ -132,20 +132,27 @@ def run(prompts: list[tuple[str, str]], max_new: int, draft_k: int, stages: int,
 
 def table_lines(rows: list[AdaptiveRow], stages: int, t1_ms: float, bound: float) -> list[str]:
     chosen = choose(rows)
-    lines = [f"| margin / tie margin | tau | ms/token (t1=0) | tokens/s at N={stages}, t1={t1_ms:g} ms (modelled) | "
+    lines = [f"| margin / tie margin | tau | tokens/s at N={stages}, t1={t1_ms:g} ms (modelled) | "
              "vs greedy | mean log p | delta (nats/tok) | perplexity vs greedy | regret (nats/tok) | regret ratio | "
              "equal to greedy | common prefix |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " (default)" if (r.adaptive_margin, r.adaptive_tie_margin) == (
             DEFAULT_ADAPTIVE_MARGIN, DEFAULT_ADAPTIVE_TIE_MARGIN) else ""
         mark += " (chosen)" if r is chosen else ""
         mark += "" if r.within_bound else f" (> {bound:g}x)"
-        lines.append(f"| {r.label}{mark} | {r.tokens_per_round:.2f} | {r.ms_per_token:.1f} | "
-                     f"{r.modelled_tokens_per_s:.1f} | {r.speedup:.2f}x | {r.mean_logprob:.3f} | {r.delta_logprob:+.3f} | "
+        lines.append(f"| {r.label}{mark} | {r.tokens_per_round:.2f} | {r.modelled_tokens_per_s:.1f} | {r.speedup:.2f}x | {r.mean_logprob:.3f} | {r.delta_logprob:+.3f} | "
                      f"{r.ppl_ratio:.3f}x | {r.mean_regret:+.3f} | {r.regret_ratio:.3f}x | {r.agreement_pct:.1f}% | "
                      f"{r.mean_common_prefix:.1f} |")
     return lines
+
+
+def _settings(text: str) -> list[tuple[float, float]]:
+    out = []
+    for item in text.split(","):
+        margin, _, tie = item.partition(":")
+        out.append((float(margin), float(tie or 0)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=8, help="HumanEval prompts, a seeded subset (8)")
     ap.add_argument("--prompt-set", choices=["humaneval", "builtin"], default="humaneval")
+    ap.add_argument("--seed", type=int, default=0, help="prompt subset seed (0)")
+    ap.add_argument("--settings", type=_settings, default=SETTINGS,
+                    help="MARGIN:TIE,... the adaptive settings to sweep (default: the 11 of the committed table)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--draft-k", type=int, default=4)
     ap.add_argument("--stages", type=int, default=4, help="in-process shards, and N of the modelled speed (4)")
@@ -161,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"quality bound: most perplexity and regret ratio a chosen setting may have ({QUALITY_BOUND})")
     ap.add_argument("--out", type=Path, default=Path("results/adaptive"))
     args = ap.parse_args(argv)
-    prompts = load_prompts(BenchConfig(prompts=args.prompts, prompt_set=args.prompt_set))
+    prompts = load_prompts(BenchConfig(prompts=args.prompts, prompt_set=args.prompt_set, seed=args.seed))
     t0 = time.perf_counter()
-    rows = run(prompts, args.max_new_tokens, args.draft_k, args.stages, args.t1_ms, args.bound)
+    rows = run(prompts, args.max_new_tokens, args.draft_k, args.stages, args.t1_ms, args.bound, args.settings)
     lines = table_lines(rows, args.stages, args.t1_ms, args.bound)
     chosen = choose(rows)
     summary = (f"chosen (fastest with perplexity and regret ratios within x{args.bound:g} of greedy): "
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                   if chosen else "none"))
     print("\n".join(lines) + "\n\n" + summary)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"prompts": [pid for pid, _ in prompts], "max_new_tokens": args.max_new_tokens, "draft_k": args.draft_k,
+    meta = {"prompts": [pid for pid, _ in prompts], "seed": args.seed, "max_new_tokens": args.max_new_tokens, "draft_k": args.draft_k,
             "stages": args.stages, "t1_ms": args.t1_ms, "bound": args.bound, "wall_s": round(time.perf_counter() - t0),
             "defaults": [DEFAULT_ADAPTIVE_MARGIN, DEFAULT_ADAPTIVE_TIE_MARGIN],
             "chosen": [chosen.adaptive_margin, chosen.adaptive_tie_margin] if chosen else None}
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Adaptive verification: speed against quality\n\n`python -m dsd_node.ops.bench.adaptive` "
         f"({len(prompts)} {args.prompt_set} prompts, {args.max_new_tokens} tokens, k={args.draft_k}, greedy, "
         f"ignore_eos; in one process with {args.stages} shards; tokens/s modelled for N={args.stages}, "
-        f"t1={args.t1_ms:g} ms as compute + N*t1/tau)\n\n" + "\n".join(lines) + f"\n\n{summary}\n")
+        f"t1={args.t1_ms:g} ms as tau / (R + N*t1), R one round's median compute)\n\n" + "\n".join(lines) + f"\n\n{summary}\n")
     return 0
 
 

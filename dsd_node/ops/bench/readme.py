@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = BenchConfig(**{k: v for k, v in results["config"].items() if k != "out"})
     plots = write_plots(args.results, [Cell(**c) for c in results["cells"]], cfg) if args.plots else []
-    print(f"updated {', '.join(str(p) for p, _, _ in targets)}; plots {', '.join(plots) or 'none (no matplotlib)'}")
+    print(f"updated {', '.join(str(p) for p, _, _ in targets)}; plots {', '.join(plots) or 'not drawn'}")
     return 0
 
 
