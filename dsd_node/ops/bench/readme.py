@@ -18,7 +18,13 @@ from dsd_node.ops.bench.plan import BenchConfig, Cell
 from dsd_node.ops.bench.report import HEADLINE_T1_MS, write_plots
 
 README_MARKS = ("<!-- bench-table:begin -->", "<!-- bench-table:end -->")
-ADAPTIVE_MARKS = ("<!-- adaptive-table:begin -->", "<!-- adaptive-table:end -->")
+ADAPTIVE_MARKS = ("<!-- adaptive-table:begin -->", "<!-- adaptive-table:end -->")  # adaptive/results.json
+
+
+def adaptive_marks(stem: str) -> tuple[str, str]:
+    """The marks of the table of adaptive/STEM.json (results.json: ADAPTIVE_MARKS)."""
+    return ADAPTIVE_MARKS if stem == "results" else (f"<!-- adaptive-table:{stem}:begin -->",
+                                                      f"<!-- adaptive-table:{stem}:end -->")
 
 
 def _f(x: float | None, digits: int = 1) -> str:
@@ -69,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     results = json.loads((args.results / "results.json").read_text())
     targets = [(args.readme, README_MARKS, readme_table(results))]
-    adaptive = args.results / "adaptive" / "results.json"
-    if adaptive.exists():
-        targets.append((args.bench_doc, ADAPTIVE_MARKS, adaptive_table(json.loads(adaptive.read_text()))))
+    for adaptive in sorted((args.results / "adaptive").glob("*.json")):  # each one whose marks the doc has
+        marks = adaptive_marks(adaptive.stem)
+        if marks[0] in args.bench_doc.read_text() or adaptive.stem == "results":
+            targets.append((args.bench_doc, marks, adaptive_table(json.loads(adaptive.read_text()))))
     stale = []
     for path, marks, body in targets:
         old = path.read_text()
