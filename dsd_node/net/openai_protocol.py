@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dsd_node.engine.config import MODES, ErrorCode, GenerationConfig, Stats, TreeShape
-from dsd_node.engine.verify import SamplingParams
+from dsd_node.engine.verify import DEFAULT_ADAPTIVE_MARGIN, DEFAULT_ADAPTIVE_TIE_MARGIN, SamplingParams
 
 DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI's
 DEFAULT_CHAT_MAX_TOKENS = 512  # /v1/chat/completions: the context left, at most this
@@ -186,8 +186,8 @@ def generation_config(body: dict, max_tokens: int, default_max_inflight: int) ->
     try:
         sampling = SamplingParams.create(temperature, float(_field(body, "top_p", (int, float), 1.0)),
                                          secrets.randbits(31) if seed is None else seed, adaptive,
-                                         float(_field(body, "adaptive_margin", (int, float), 0.05)),
-                                         float(_field(body, "adaptive_tie_margin", (int, float), 0.01)))
+                                         float(_field(body, "adaptive_margin", (int, float), DEFAULT_ADAPTIVE_MARGIN)),
+                                         float(_field(body, "adaptive_tie_margin", (int, float), DEFAULT_ADAPTIVE_TIE_MARGIN)))
         tree = TreeShape(**{f.name: _field(body, f.name, (int,), f.default) for f in fields(TreeShape)})
         cfg = GenerationConfig(mode=mode, max_new_tokens=max_tokens, draft_k=_field(body, "draft_k", (int,), 4),
                                tree=tree, max_inflight=_field(body, "max_inflight", (int,), 0) or default_max_inflight,

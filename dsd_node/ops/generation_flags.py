@@ -11,7 +11,7 @@ import argparse
 from dataclasses import fields
 
 from dsd_node.engine.config import MODES, GenerationConfig, TreeShape
-from dsd_node.engine.verify import SamplingParams
+from dsd_node.engine.verify import DEFAULT_ADAPTIVE_MARGIN, DEFAULT_ADAPTIVE_TIE_MARGIN, SamplingParams
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 
@@ -32,11 +32,13 @@ def add_generation_flags(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--adaptive", action="store_true",
-                   help="lossy: relax greedy acceptance for low-importance tokens (whitespace, delimiters, function words)")
-    g.add_argument("--adaptive-margin", type=float, default=0.05,
-                   help="adaptive: accept a low-importance draft when p_top - p_draft <= this (0.05)")
-    g.add_argument("--adaptive-tie-margin", type=float, default=0.01,
-                   help="adaptive: accept any draft when p_top - p_draft <= this (near-ties, 0.01)")
+                   help="lossy: also accept drafts the target nearly ties with its top token (defaults keep the "
+                        "target's perplexity of the output within 10%% of greedy's; docs/bench.md)")
+    g.add_argument("--adaptive-margin", type=float, default=DEFAULT_ADAPTIVE_MARGIN,
+                   help="adaptive: accept a low-importance draft (whitespace, delimiters, function words) when "
+                        f"p_top - p_draft <= this ({DEFAULT_ADAPTIVE_MARGIN:g})")
+    g.add_argument("--adaptive-tie-margin", type=float, default=DEFAULT_ADAPTIVE_TIE_MARGIN,
+                   help=f"adaptive: accept any draft when p_top - p_draft <= this (near-ties, {DEFAULT_ADAPTIVE_TIE_MARGIN:g})")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON instead of streaming')
 
