@@ -19,6 +19,7 @@ from dsd_node.engine.head import Head
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
 from dsd_node.engine.speculation import DsiPolicy, Ewma
 from dsd_node.engine.tree import TokenTree
+from dsd_node.ops.bench.dsi_sim import scripted_verdict
 
 V = 97
 SID = "s"
@@ -101,29 +102,9 @@ class ScriptedPipeline:
         return self.received[-1]
 
     def _verify(self, msg: RoundMsg, tree: TokenTree) -> VerdictMsg:
-        stale = VerdictMsg(SID, msg.round_id, msg.epoch, stale=True)
-        if msg.round_id in self.force_stale or msg.base != list(self.pending.items()):
-            return stale
-        ctx = self.text + [self.trees[rid].tokens[i] for rid, path in msg.base for i in path]
-        kids = tree.children()
-        if tree.n_given:
-            path = list(range(tree.n_given))
-        else:
-            roots = [r for r in kids.get(-1, []) if tree.tokens[r] == self.y]
-            if self.y is None or not roots:
-                return stale
-            path = [roots[0]]
-        tokens: list[int] = []
-        while True:
-            want = target_next(ctx + [tree.tokens[i] for i in path])
-            tokens.append(want)
-            child = next((c for c in kids.get(path[-1], []) if tree.tokens[c] == want), None)
-            if child is None:
-                break
-            path.append(child)
-        self.y = tokens[-1]
-        self.pending[msg.round_id] = path
-        return VerdictMsg(SID, msg.round_id, msg.epoch, stale=False, accepted=path, tokens=tokens)
+        if msg.round_id in self.force_stale:
+            return VerdictMsg(SID, msg.round_id, msg.epoch, stale=True)
+        return scripted_verdict(self, msg, tree, target_next)
 
 
 async def generate(

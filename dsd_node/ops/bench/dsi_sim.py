@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dsd_node.engine.config import GenerationConfig, TreeShape
@@ -106,29 +107,37 @@ class SimPipeline:
             return None
         tree = msg.tree
         self.trees[msg.round_id] = tree
-        stale = VerdictMsg(msg.session_id, msg.round_id, msg.epoch, stale=True)
-        if msg.base != list(self.pending.items()):
+        return scripted_verdict(self, msg, tree, target_next)
+
+
+def scripted_verdict(p, msg: RoundMsg, tree: TokenTree, target: Callable[[list[int]], int]) -> VerdictMsg:
+    """What a greedy target `target` (next token of a sequence) says of `tree`, for a scripted pipeline `p` that
+    keeps `text` (committed), `trees` (live rounds), `pending` (round -> accepted path, not committed yet) and `y`
+    (the last verdict's token): stale unless the round builds on exactly the pending rounds. Updates p.pending
+    and p.y. Shared by this simulator and the fast head tests."""
+    stale = VerdictMsg(msg.session_id, msg.round_id, msg.epoch, stale=True)
+    if msg.base != list(p.pending.items()):
+        return stale
+    ctx = p.text + [p.trees[rid].tokens[i] for rid, path in msg.base for i in path]
+    kids = tree.children()
+    if tree.n_given:
+        path = list(range(tree.n_given))
+    else:
+        roots = [r for r in kids.get(-1, []) if tree.tokens[r] == p.y]
+        if p.y is None or not roots:
             return stale
-        ctx = self.text + [self.trees[rid].tokens[i] for rid, path in msg.base for i in path]
-        kids = tree.children()
-        if tree.n_given:
-            path = list(range(tree.n_given))
-        else:
-            roots = [r for r in kids.get(-1, []) if tree.tokens[r] == self.y]
-            if self.y is None or not roots:
-                return stale
-            path = [roots[0]]
-        tokens: list[int] = []
-        while True:
-            want = target_next(ctx + [tree.tokens[i] for i in path])
-            tokens.append(want)
-            child = next((ch for ch in kids.get(path[-1], []) if tree.tokens[ch] == want), None)
-            if child is None:
-                break
-            path.append(child)
-        self.y = tokens[-1]
-        self.pending[msg.round_id] = path
-        return VerdictMsg(msg.session_id, msg.round_id, msg.epoch, stale=False, accepted=path, tokens=tokens)
+        path = [roots[0]]
+    tokens: list[int] = []
+    while True:
+        want = target(ctx + [tree.tokens[i] for i in path])
+        tokens.append(want)
+        child = next((ch for ch in kids.get(path[-1], []) if tree.tokens[ch] == want), None)
+        if child is None:
+            break
+        path.append(child)
+    p.y = tokens[-1]
+    p.pending[msg.round_id] = path
+    return VerdictMsg(msg.session_id, msg.round_id, msg.epoch, stale=False, accepted=path, tokens=tokens)
 
 
 async def generate(mode: str, alpha: float, costs: Costs, seed: int, k: int = 4, n: int = 32,
