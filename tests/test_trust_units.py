@@ -12,7 +12,7 @@ import pytest
 from dsd_node.engine.messages import Hop
 from dsd_node.engine.verify import SamplingParams
 from dsd_node.net.audit import Auditor, IntegrityError
-from dsd_node.net.dialable import Dialable, NotAnnounced
+from dsd_node.net.dialable import EXPIRY_GRACE_S, Dialable, NotAnnounced
 from dsd_node.net.tls import (
     PEER_METADATA,
     TOKEN_TTL_S,
@@ -87,7 +87,8 @@ def test_call_tokens_are_bound_to_the_called_node_and_expire(tmp_path):
 
 async def test_only_announced_addresses_may_be_dialled():
     async def lookup():
-        return [("10.0.0.1:6000", "peerA", time.time() + 60), ("10.0.0.2:6000", "gone", time.time() - 1)]
+        return [("10.0.0.1:6000", "peerA", time.time() + 60), ("10.0.0.2:6000", "gone", time.time() - EXPIRY_GRACE_S - 1),
+                ("10.0.0.3:6000", "late", time.time() - 5)]
 
     d = Dialable(lookup, min_gap_s=0.01, miss_wait_s=0.05)
     await d.check("10.0.0.1:6000", "peerA")
@@ -98,6 +99,7 @@ async def test_only_announced_addresses_may_be_dialled():
         await d.check("10.9.9.9:1", what="reply_to")
     with pytest.raises(NotAnnounced):
         await d.check("10.0.0.2:6000")  # its record expired
+    await d.check("10.0.0.3:6000", "late")  # expired a moment ago (a DHT slowed by a frozen peer): still counts
     await Dialable(static=["1.2.3.4:5"]).check("1.2.3.4:5")
     with pytest.raises(NotAnnounced):
         await Dialable(static=["1.2.3.4:5"]).check("1.2.3.4:6")
@@ -142,7 +144,7 @@ async def test_a_record_carried_in_band_counts_as_announced_and_is_checked_as_th
     cases = [(blob(me, "10.0.0.2:6000"), "10.0.0.9:1", ""),  # a record for another address
              (blob(other, "10.0.0.3:6000"), "10.0.0.3:6000", me.peer_id),  # another peer's record
              (blob(me, "10.0.0.4:6000", key=None), "10.0.0.4:6000", ""),  # no proof of the swarm key
-             (blob(me, "10.0.0.5:6000", ttl=-1), "10.0.0.5:6000", ""),  # expired
+             (blob(me, "10.0.0.5:6000", ttl=-1), "10.0.0.5:6000", ""),  # expired (this verify allows no grace)
              (b"\x93garbage", "10.0.0.6:6000", "")]
     for record, address, peer in cases:
         with pytest.raises(NotAnnounced, match="refused, not dialled"):

@@ -58,7 +58,7 @@ from dsd_node.engine.stage import StageHandler
 from dsd_node.engine.tree import TokenTree
 from dsd_node.engine.verify import low_importance_mask
 from dsd_node.net.audit import Auditor
-from dsd_node.net.dialable import Dialable
+from dsd_node.net.dialable import EXPIRY_GRACE_S, Dialable
 from dsd_node.net.drafter_pool import DrafterPool
 from dsd_node.net.exclusion import Exclusions
 from dsd_node.net.gateway import GatewayConfig, GatewayService
@@ -317,7 +317,8 @@ class Node:
                 return [(r.grpc_address, r.peer_id, r.expires_at)
                         for r in await self.discovery.find(self.cfg.model, expected_model_hash=self.model_hash)]
             def in_band(blob: bytes) -> tuple[str, str, float]:  # a record a round carries: checked as find() does
-                rec = verify_record(blob, expected_model_hash=self.model_hash, swarm_key=self.membership.swarm_key)
+                rec = verify_record(blob, now=time.time() - EXPIRY_GRACE_S, expected_model_hash=self.model_hash,
+                                    swarm_key=self.membership.swarm_key)
                 if rec.model_id != self.cfg.model:
                     raise RecordError(f"record for model {rec.model_id!r}, not {self.cfg.model!r}")
                 return rec.grpc_address, rec.peer_id, rec.expires_at

@@ -9,8 +9,13 @@ the node dials what rounds name (the plain, wired-by-address setup), and says so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
+
+# A record counts this long after it expired, as the head's route finder keeps using it (p2p.peers.FORGET_S): a
+# frozen or dead peer slows DHT writes, so fresh copies of live peers' records may not get through for a while.
+EXPIRY_GRACE_S = 60.0
 
 
 class NotAnnounced(PermissionError):
@@ -57,7 +62,7 @@ class Dialable:
             if age < self.min_gap_s or (not force and age < self.refresh_s):
                 return
             now = time.time()
-            owners = {a: {p: t for p, t in ps.items() if t > now} for a, ps in self._owners.items()}
+            owners = {a: {p: t for p, t in ps.items() if t > now - EXPIRY_GRACE_S} for a, ps in self._owners.items()}
             for address, peer, expires in await self.lookup():
                 owners.setdefault(address, {})[peer] = max(expires, owners.get(address, {}).get(peer, 0.0))
             self._owners, self._at = {a: ps for a, ps in owners.items() if ps}, time.monotonic()
@@ -69,15 +74,12 @@ class Dialable:
         if not self.restricted or address in self.static:
             return
         if record and self.verify is not None and self.lookup is not None:
-            try:
+            try:  # a record that does not prove `address` is ignored: the lookups below decide
                 owner = self.verify(record)
-            except Exception as e:  # noqa: BLE001 - RecordError, or any garbage: refused like an unknown address
-                raise NotAnnounced(f"{what} {address}: its record is not valid ({e}): refused, not dialled") from None
-            if owner[0] != address or (peer_id and owner[1] != peer_id):
-                raise NotAnnounced(f"{what} {address}: the record it came with is {owner[1]}'s for {owner[0]}: "
-                                   "refused, not dialled")
-            if owner[2] > time.time():
-                self._owners.setdefault(address, {})[owner[1]] = owner[2]
+                if owner[0] == address and (not peer_id or owner[1] == peer_id):
+                    self._owners.setdefault(address, {})[owner[1]] = owner[2]
+            except Exception:  # noqa: BLE001 - RecordError, or any garbage
+                pass
         if self.lookup is not None:
             if self._known(address, peer_id):
                 if time.monotonic() - self._at > self.refresh_s and self._background is None:
@@ -85,7 +87,8 @@ class Dialable:
                 return
             deadline = time.monotonic() + self.miss_wait_s
             while True:  # a peer announced since the last look, or a lookup missed its record (a loaded DHT does)
-                await self._refresh(force=True)
+                with contextlib.suppress(Exception):  # a failed lookup (DHT timeout...) is a miss
+                    await self._refresh(force=True)
                 if self._known(address, peer_id):
                     return
                 if time.monotonic() >= deadline:
@@ -96,5 +99,5 @@ class Dialable:
 
     def _known(self, address: str, peer_id: str) -> bool:
         now = time.time()
-        owners = {p for p, t in self._owners.get(address, {}).items() if t > now}
+        owners = {p for p, t in self._owners.get(address, {}).items() if t > now - EXPIRY_GRACE_S}
         return bool(owners) and (not peer_id or peer_id in owners)
