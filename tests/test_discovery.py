@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import socket
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from dsd_node.ops.testnet import free_port as free_tcp_port
 from dsd_node.p2p.discovery import Discovery, DiscoveryError
 from dsd_node.p2p.identity import Identity
 from dsd_node.p2p.records import NodeRecord
@@ -172,3 +174,31 @@ async def test_port_in_use_raises() -> None:
         with pytest.raises(DiscoveryError, match="could not listen"):
             await disc.start()
         await disc.stop()
+
+
+async def test_a_node_started_before_its_bootstrap_joins_once_the_bootstrap_listens() -> None:
+    """py-libp2p blocks a peer for 60 s after one failed dial; the join loop must not be held up by it."""
+    port = free_tcp_port()
+    boot_id = Identity.generate()
+    addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{boot_id.peer_id}"
+    node = Discovery(Identity.generate(), bootstrap=[addr], require_bootstrap=False)
+    boot = Discovery(boot_id, "127.0.0.1", port)
+    rec = NodeRecord(
+        peer_id=node.peer_id, role="stage", model_id="early", model_hash="h", layer_start=0, layer_end=2,
+        num_layers=2, grpc_address="127.0.0.1:1", version="t", tokens_per_s=1.0, sessions=0,
+        max_sessions=1, expires_at=time.time() + 60,
+    )  # fmt: skip
+    try:
+        await node.start()  # the bootstrap is not listening yet: its first dials fail
+        await asyncio.sleep(2.5)
+        await boot.start()
+        t0 = time.monotonic()
+        while True:  # joined: its record reaches the bootstrap (well before the 60 s block would end)
+            await node.announce(rec)
+            if await boot.find("early") == [rec]:
+                break
+            assert time.monotonic() - t0 < 30, "the node did not join within 30 s of its bootstrap starting"
+            await asyncio.sleep(1.0)
+    finally:
+        await node.stop()
+        await boot.stop()

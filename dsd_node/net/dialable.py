@@ -29,7 +29,7 @@ class Dialable:
     configured by hand. Both None/empty: no restriction."""
 
     def __init__(self, lookup: Callable[[], Awaitable[list[tuple[str, str, float]]]] | None = None,
-                 static: list[str] | None = None, refresh_s: float = 5.0, min_gap_s: float = 1.0,
+                 static: list[str] | None = None, refresh_s: float = 15.0, min_gap_s: float = 1.0,
                  miss_wait_s: float = 3.0, verify: Callable[[bytes], tuple[str, str, float]] | None = None):
         self.lookup, self.static, self.verify = lookup, set(static or []), verify
         self.refresh_s, self.min_gap_s, self.miss_wait_s = refresh_s, min_gap_s, miss_wait_s

@@ -214,6 +214,12 @@ class TrioPeer:
 
     async def _dial(self, info: PeerInfo) -> bool:
         assert self._host is not None and self._dht is not None
+        # py-libp2p 0.8 refuses to dial a peer for 60 s after one dial of it failed (a "negative cache"): a
+        # bootstrap peer not listening yet when this node started would stay unreachable that long although our
+        # own loops retry it every second. Those loops pace the dials, so the cache entry goes first.
+        cache = getattr(self._host.get_network(), "_negative_peer_cache", None)
+        if cache is not None:
+            cache.evict(str(info.peer_id))
         try:
             with trio.fail_after(self.connect_timeout_s):
                 addrs = await self._resolve(info.addrs)
