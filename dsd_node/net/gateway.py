@@ -270,15 +270,10 @@ class GatewayService(rpc.GatewayServicer):
         sid = uuid.uuid4().hex
         route = self.cfg.route
         try:
-            channel = await self.channels.get(route[0].address, route[0].peer_id or None)
+            pipe = await self._open_pipeline(sid, route, on_round_trip=self.metrics.round_trip.observe,
+                                             trace=self.trace)
         except OSError as e:  # unreachable, or not the peer the route names (TlsIdentityError): another route
             return None, GenerationError(f"first stage {route[0].address}: {e}", ErrorCode.UNAVAILABLE), route
-        verdicts = Mailbox()
-        self.sessions[sid], self.last_stage[sid] = verdicts, route[-1].peer_id
-        pipe = GrpcPipeline(sid, route, self.address, channel, verdicts,
-                            self.cfg.round_timeout_s, self.cfg.deadline, silent=lambda: self._silent(route),
-                            on_round_trip=self.metrics.round_trip.observe, reply_record=self.reply_record(),
-                            trace=self.trace)
         head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
         head.on_tokens = lambda new: emit(new, head)
         failure = None
@@ -293,8 +288,7 @@ class GatewayService(rpc.GatewayServicer):
             pass  # the caller has what it wants; the pipeline is cancelled below
         finally:
             self.heads.discard(head)
-            self.sessions.pop(sid, None)
-            self.last_stage.pop(sid, None)
+            self._forget(sid)
             self.trace.flush()
             await pipe.close(cancel=not finished)
             end = getattr(self.cfg.drafter, "end_session", None)
@@ -309,13 +303,9 @@ class GatewayService(rpc.GatewayServicer):
         """The tokens `route` commits when `tokens` are drafted after `context` (one round, a prefill): the
         auditor's independent opinion on a round ([] when that route gives none)."""
         sid = uuid.uuid4().hex
-        verdicts = Mailbox()
-        self.sessions[sid], self.last_stage[sid] = verdicts, route[-1].peer_id
         pipe = None
         try:
-            channel = await self.channels.get(route[0].address, route[0].peer_id or None)
-            pipe = GrpcPipeline(sid, route, self.address, channel, verdicts, self.cfg.round_timeout_s,
-                                self.cfg.deadline, silent=lambda: self._silent(route), reply_record=self.reply_record())
+            pipe = await self._open_pipeline(sid, route)
             tree = TokenTree.chain(context + tokens[:-1], n_given=len(context))
             await pipe.send(RoundMsg(sid, 0, 0, tree=tree, sampling=sampling))
             return (await pipe.recv()).tokens
@@ -323,10 +313,22 @@ class GatewayService(rpc.GatewayServicer):
             log.warning("verification replay on %s failed: %s", route[0].address, e)
             return []
         finally:
-            self.sessions.pop(sid, None)
-            self.last_stage.pop(sid, None)
+            self._forget(sid)
             if pipe is not None:
                 await pipe.close()
+
+    async def _open_pipeline(self, sid: str, route: list[Hop], **kw) -> GrpcPipeline:
+        """A pipeline session on `route` whose verdicts this gateway takes only from the route's last stage
+        (`_forget` ends that). OSError: the first stage is unreachable, or not the peer the route names."""
+        channel = await self.channels.get(route[0].address, route[0].peer_id or None)
+        verdicts = Mailbox()
+        self.sessions[sid], self.last_stage[sid] = verdicts, route[-1].peer_id
+        return GrpcPipeline(sid, route, self.address, channel, verdicts, self.cfg.round_timeout_s, self.cfg.deadline,
+                            silent=lambda: self._silent(route), reply_record=self.reply_record(), **kw)
+
+    def _forget(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+        self.last_stage.pop(sid, None)
 
     async def Verdicts(self, request_iterator, context):
         try:
