@@ -87,12 +87,8 @@ class Auditor:
             self.stats.check_ms += (time.perf_counter() - t0) * 1e3
 
     async def _check(self, route: list[Hop], context: list[int], tokens: list[int], sampling: SamplingParams) -> None:
-        records = [r for r in await self.replicas(False) if r.peer_id not in self.banned]
         opinions: list[tuple[list[Hop], list[int]]] = [(route, tokens)]
-        alt = self._other_route(records, [route])
-        if alt is None:  # a lookup may have missed replicas announced since (or under load): look again once
-            records = [r for r in await self.replicas(True) if r.peer_id not in self.banned]
-            alt = self._other_route(records, [route])
+        alt, records = await self._another_route([route], await self._records(False))
         if alt is None:
             return self._unverifiable(route, "no other replica of its layers is announced")
         second = (await self.replay(alt, context, tokens, sampling))[: len(tokens)]
@@ -107,10 +103,7 @@ class Auditor:
             return
         self.stats.mismatches += 1
         self._count("mismatch")
-        third = self._other_route(records, [route, alt])
-        if third is None:  # a tie-breaker the records known lack may have been announced: look again once
-            records = [r for r in await self.replicas(True) if r.peer_id not in self.banned]
-            third = self._other_route(records, [route, alt])
+        third, _ = await self._another_route([route, alt], records)
         if third is not None and (toks := (await self.replay(third, context, tokens, sampling))[: len(tokens)]):
             opinions.append((third, toks))  # (a failed replay gives no opinion)
         counts: dict[tuple[int, ...], int] = {}
@@ -135,6 +128,19 @@ class Auditor:
         if any(lr is route for lr, _ in losers):
             raise IntegrityError(f"round failed verification: route {' -> '.join(h.address for h in route)} "
                                  f"committed {tokens[:4]}..., independent replicas {list(best)[:4]}...")
+
+    async def _records(self, fresh: bool) -> list[NodeRecord]:
+        return [r for r in await self.replicas(fresh) if r.peer_id not in self.banned]
+
+    async def _another_route(self, used: list[list[Hop]], records: list[NodeRecord]
+                             ) -> tuple[list[Hop] | None, list[NodeRecord]]:
+        """A route of replicas not in `used` from `records`, else from records looked up afresh (a lookup may have
+        missed replicas, or they were announced since); the route (None: none) and the records it came from."""
+        route = self._other_route(records, used)
+        if route is None:
+            records = await self._records(True)
+            route = self._other_route(records, used)
+        return route, records
 
     def _unverifiable(self, route: list[Hop], why: str) -> None:
         self.stats.unverifiable += 1
