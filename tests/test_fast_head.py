@@ -17,7 +17,7 @@ from dsd_node.engine.config import GenerationConfig, TreeShape
 from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.head import Head
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
-from dsd_node.engine.speculation import DsiPolicy, Ewma
+from dsd_node.engine.speculation import DsiPolicy, Ewma, PolicyMemory
 from dsd_node.engine.tree import TokenTree
 from dsd_node.ops.bench.dsi_sim import scripted_verdict
 
@@ -329,9 +329,45 @@ def test_policy_lets_the_realized_chain_times_overrule_the_model():
     p.saw_chain(False, 300.0, 3)
     assert p.split(4) == 4
     p.saw_chain(False, 300.0, 3)
-    assert p.split(4) == 1  # every 4th chain tries the other way again
-    p.saw_chain(True, 100.0, 5)  # and now the split is faster overall: 700 ms / 8 tokens < 900 / 9
+    assert p.split(4) == 4
+    p.saw_chain(False, 300.0, 3)
+    assert p.split(4) == 1  # the slower way still gets 1 chain in explore_every: tried again
+    p.saw_chain(True, 100.0, 5)  # and now the split is faster overall: 700 ms / 8 tokens < 1200 / 12
     assert p.chain_rate(True) < p.chain_rate(False) and p.split(4) == 1
+
+
+async def test_a_routes_next_session_starts_from_what_its_last_one_measured():
+    memory = PolicyMemory(max_routes=2, prior_tries=16.0, chain_memory=32)
+    first = memory.policy("route-a", 0.35, 4)
+    assert not first.measured() and first.accept_rate == 0.5  # nothing kept yet: the priors
+    out, _, _ = await generate(dsi(4, 3, max_new_tokens=60), ScriptedDrafter(wrong_at={3: 0, 6: 2}), depth=4,
+                               policy=first)
+    assert out == greedy(PROMPT, 60) and first.measured() and first.tries > 16
+    memory.keep("route-a", first)
+    second = memory.policy("route-a", 0.2, 4)
+    assert second is not first and second.min_valid_prob == 0.2  # the session's own settings
+    assert second.wait_ms.value == first.wait_ms.value and second.draft_ms_per_token.value == first.draft_ms_per_token.value
+    assert second.tries == pytest.approx(16.0) and second.accept_rate == pytest.approx(first.accept_rate)
+    second.saw_wait(1e6)
+    assert first.wait_ms.value < 1e6  # a copy: the new session's figures do not change the kept ones
+    assert not memory.policy("route-b", 0.35, 4).measured()  # another route learns for itself
+    memory.keep("route-b", DsiPolicy())
+    memory.keep("route-c", DsiPolicy())
+    assert len(memory) == 2 and not memory.policy("route-a", 0.35, 4).measured()  # the least recently used went
+
+
+def test_kept_chain_rates_are_bounded_so_a_change_is_still_seen():
+    old = frozen(0.7, 150, 11)
+    for _ in range(100):
+        old.saw_chain(False, 300.0, 3)
+        old.saw_chain(True, 600.0, 3)
+    new = DsiPolicy()
+    new.carry_from(old, prior_tries=16.0, chain_memory=32)
+    assert sum(new.chain_count.values()) == pytest.approx(32)
+    assert new.chain_rate(False) == pytest.approx(100.0) and new.chain_rate(True) == pytest.approx(200.0)
+    for _ in range(30):  # the split became faster on this route: a few sessions' chains turn the comparison
+        new.saw_chain(True, 100.0, 3)
+    assert new.chain_rate(True) < new.chain_rate(False)
 
 
 def test_policy_measures_the_overhead_of_a_round_behind_another_from_the_waits():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ from dsd_node.engine.models import (
     split_layers,
 )
 from dsd_node.engine.shard_runner import ShardRunner
+from dsd_node.engine.speculation import PolicyMemory
 from dsd_node.engine.stage import StageHandler
 from dsd_node.engine.verify import low_importance_mask
 
@@ -100,6 +101,7 @@ class LocalEngine:
         self.max_positions = max_positions(first.config)
         self.pipeline = LocalPipeline(self.handlers)
         self.drafter = Drafter(spec.source, dtype, device=dev, oracle_alpha=spec.oracle_alpha) if spec else None
+        self.dsi_memory = PolicyMemory()  # dsi: what earlier sessions measured, for the next one
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
@@ -109,10 +111,14 @@ class LocalEngine:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_context(len(ids), cfg.max_new_tokens, self.max_positions)
         sid = session_id or uuid.uuid4().hex
+        key = (cfg.draft_k, astuple(cfg.tree))
+        policy = self.dsi_memory.policy(key, cfg.min_valid_prob, len(self.handlers))
         head = Head(sid, self.pipeline, LocalDraftSource(self.drafter) if self.drafter else None, cfg,
-                    self.tokenizer.eos_token_id, pipeline_depth=len(self.handlers))
+                    self.tokenizer.eos_token_id, pipeline_depth=len(self.handlers), policy=policy)
         try:
             tokens = await head.run(ids)
+            if cfg.mode == "dsi":
+                self.dsi_memory.keep(key, policy)
             if keep_session:
                 await head.flush()
         finally:

@@ -29,10 +29,19 @@ comes the remaining wait R of the newest round in flight earlier; its drafting (
 loop, and when it is wasted that drafting and its stage compute were taken from the rounds that count:
 
     send iff p >= min_valid_prob and p·R - max(0, m·D' - R) > (1 - p)·(m·D' + overhead)
+
+Memory. A 32-token generation has about ten chains: learning the figures above within one session costs a
+good part of it (split chains and rounds past the chain sent on the prior, before the overhead of a round
+behind another is known). `PolicyMemory` carries a route's figures from one session to the next on it (the
+waits, the overhead, drafting costs and the realized rates of the two ways, acceptance as a weak prior), so
+only a route's first session learns; the realized rates decide as before, the other way tried for a minority
+share of chains (1 in `explore_every`) so that a change in the machine or the route is still seen.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 ROUND_OVERHEAD_MS_PER_STAGE = 2.0  # prior for one more round through a stage (~2 ms per hop: DESIGN.md)
@@ -59,8 +68,8 @@ class DsiPolicy:
     draft_ms_per_token: Ewma = None
     wait_behind_ms: Ewma = None  # send -> verdict, rounds sent behind another one (in flight or wasted)
     draft_busy_ms_per_token: Ewma = None  # drafting while a round is in flight
-    explore_every: int = 4  # once both ways of sending a chain are measured, try the other one every n-th chain
-    # (0: follow the model alone)
+    explore_every: int = 8  # once both ways of sending a chain are measured, the slower one still gets 1 chain
+    # in n (0: follow the model alone)
 
 
     def __post_init__(self) -> None:
@@ -112,7 +121,7 @@ class DsiPolicy:
         return (f"acceptance {self.accept_rate:.2f}, wait {w} ms (behind another round {wb} ms, overhead "
                 f"{self.overhead_ms:.1f} ms), draft {d} ms/token ({db} with a round in flight): split "
                 f"{self.model_split(k)} of {k}; realized ms/token: one round {_f(self.chain_rate(False))} "
-                f"({self.chain_count[False]} chains), split {_f(self.chain_rate(True))} ({self.chain_count[True]})")
+                f"({self.chain_count[False]:.0f} chains), split {_f(self.chain_rate(True))} ({self.chain_count[True]:.0f})")
 
     def chain_time(self, j: int, k: int) -> float:
         """T(j): expected ms from a restart to the verdict that ends a chain of k drafts sent as [y, d1..dj] + the rest."""
@@ -152,8 +161,22 @@ class DsiPolicy:
         if not self.chain_count[True]:
             return j
         split_better = self.chain_rate(True) <= self.chain_rate(False)
-        explore = (self.chain_count[False] + self.chain_count[True]) % self.explore_every == 0
+        explore = self.chain_count[not split_better] * self.explore_every < sum(self.chain_count.values())
         return j if split_better != explore else k
+
+    def carry_from(self, old: DsiPolicy, prior_tries: float, chain_memory: int) -> None:
+        """Start from what an earlier session on the same route measured: its timings, its chains' realized
+        rates (at most `chain_memory` chains' worth) and its acceptance as a prior worth `prior_tries` drafts."""
+        for name in ("wait_ms", "draft_ms_per_token", "wait_behind_ms", "draft_busy_ms_per_token"):
+            e = getattr(old, name)
+            setattr(self, name, Ewma(e.value, e.weight))
+        scale = min(1.0, prior_tries / old.tries)
+        self.hits, self.tries = old.hits * scale, old.tries * scale
+        scale = min(1.0, chain_memory / max(1, sum(old.chain_count.values())))
+        for way in (False, True):
+            self.chain_ms[way] = old.chain_ms[way] * scale
+            self.chain_tokens[way] = old.chain_tokens[way] * scale
+            self.chain_count[way] = old.chain_count[way] * scale
 
     def speculate(self, assumed: int, depth: int, remaining_ms: float) -> bool:
         """Send a round of `depth` drafted tokens that assumes `assumed` unverified tokens now?
@@ -168,6 +191,34 @@ class DsiPolicy:
         draft = depth * self.draft_busy_ms
         gain = p * remaining_ms - max(0.0, draft - remaining_ms)
         return gain >= (1 - p) * (draft + self.overhead_ms)
+
+
+class PolicyMemory:
+    """dsi's measured figures per route, carried across the route's sessions; the `max_routes` most recently
+    used routes are kept. The key names what the figures depend on: the route's stages, the drafts per round
+    and the tree's shape (a round's size)."""
+
+    def __init__(self, max_routes: int = 64, prior_tries: float = 16.0, chain_memory: int = 32):
+        self.max_routes, self.prior_tries, self.chain_memory = max_routes, prior_tries, chain_memory
+        self._kept: OrderedDict[Hashable, DsiPolicy] = OrderedDict()
+
+    def policy(self, key: Hashable, min_valid_prob: float, stages: int) -> DsiPolicy:
+        """A policy for a new session on `key`: fresh settings, the figures its last session ended with."""
+        pol = DsiPolicy(min_valid_prob, stages)
+        old = self._kept.get(key)
+        if old is not None:
+            pol.carry_from(old, self.prior_tries, self.chain_memory)
+        return pol
+
+    def keep(self, key: Hashable, policy: DsiPolicy) -> None:
+        """A session on `key` ended: its figures (which began from the ones kept) are the route's now."""
+        self._kept[key] = policy
+        self._kept.move_to_end(key)
+        while len(self._kept) > self.max_routes:
+            self._kept.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
 
 def _f(x: float | None) -> str:

@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 
 import grpc
 
@@ -30,6 +30,7 @@ from dsd_node.engine.head import DraftSource, Head
 from dsd_node.engine.hop_trace import HopTrace
 from dsd_node.engine.limits import Limits
 from dsd_node.engine.messages import Hop, RoundMsg
+from dsd_node.engine.speculation import PolicyMemory
 from dsd_node.engine.tree import TokenTree
 from dsd_node.net.admission import Admission, Busy
 from dsd_node.net.audit import Auditor, IntegrityError
@@ -94,6 +95,7 @@ class GatewayService(rpc.GatewayServicer):
         self.metrics.set_source(self.metrics.active_sessions.labels("head"), lambda: self.active)
         self._admission: Admission | None = None
         self.trace = HopTrace.from_env("head")  # per-round timestamps (DSD_HOP_TRACE; hop_profile)
+        self.dsi_memory = PolicyMemory()  # dsi: what each route's sessions measured, for the next one on it
 
     @property
     def route(self) -> list[Hop]:
@@ -274,7 +276,10 @@ class GatewayService(rpc.GatewayServicer):
                                              trace=self.trace)
         except OSError as e:  # unreachable, or not the peer the route names (TlsIdentityError): another route
             return None, GenerationError(f"first stage {route[0].address}: {e}", ErrorCode.UNAVAILABLE), route
-        head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route))
+        key = (tuple(h.address for h in route), gcfg.draft_k, astuple(gcfg.tree))
+        policy = self.dsi_memory.policy(key, gcfg.min_valid_prob, len(route))
+        head = Head(sid, pipe, self.cfg.drafter, gcfg, self.cfg.tokenizer.eos_token_id, None, pipeline_depth=len(route),
+                    policy=policy)
         head.on_tokens = lambda new: emit(new, head)
         failure = None
         finished = False
@@ -288,6 +293,8 @@ class GatewayService(rpc.GatewayServicer):
             pass  # the caller has what it wants; the pipeline is cancelled below
         finally:
             self.heads.discard(head)
+            if gcfg.mode == "dsi":
+                self.dsi_memory.keep(key, policy)
             self._forget(sid)
             self.trace.flush()
             await pipe.close(cancel=not finished)
