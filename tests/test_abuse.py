@@ -158,6 +158,7 @@ async def test_malformed_and_oversized_inputs_get_precise_statuses(net):
             "negative temperature": pb.GenerateRequest(prompt="x", sampling=pb.Sampling(rule=1, temperature=-2)),
             "branch 5000": generate_request_to_pb("x", GenerationConfig(tree=TreeShape(branch=5000))),
             "draft_k 10000": pb.GenerateRequest(prompt="x", draft_k=10000),
+            "min_valid_prob NaN": pb.GenerateRequest(prompt="x", min_valid_prob=math.nan),
             "prompt + tokens beyond the context": pb.GenerateRequest(prompt_tokens=[5] * 2000, max_new_tokens=100),
         }
         for name, req in bad_requests.items():

@@ -16,7 +16,13 @@ from dsd_node.engine.tree import SparseDist, TokenTree, TreeError
 from dsd_node.engine.verify import SamplingParams
 from dsd_node.net.admission import Admission, Busy
 from dsd_node.net.client import ClientError
-from dsd_node.net.wire import WireError, sampling_from_pb, tensor_from_pb
+from dsd_node.net.wire import (
+    WireError,
+    generate_request_to_pb,
+    generation_config_from_pb,
+    sampling_from_pb,
+    tensor_from_pb,
+)
 from dsd_node.proto import dsd_pb2 as pb
 
 
@@ -94,6 +100,16 @@ def test_wire_refuses_nan_and_negative_sampling_and_out_of_bounds_tensors():
     with pytest.raises(WireError, match="out of bounds"):
         tensor_from_pb(pb.Tensor(dtype="float32", shape=[1] * 9))
     assert tuple(tensor_from_pb(pb.Tensor(dtype="float32", shape=[3, 0])).shape) == (3, 0)
+
+
+def test_min_valid_prob_travels_with_a_request_and_nonsense_is_refused():
+    for v in (0.0, 0.2, 1.0):  # 0 means "whenever allowed", so it must survive the wire
+        cfg = generation_config_from_pb(generate_request_to_pb("x", GenerationConfig(mode="dsi", min_valid_prob=v)))
+        assert cfg.min_valid_prob == pytest.approx(v)
+    assert generation_config_from_pb(pb.GenerateRequest(prompt="x")).min_valid_prob == GenerationConfig.min_valid_prob
+    for v in (-0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="min_valid_prob"):
+            generation_config_from_pb(pb.GenerateRequest(prompt="x", min_valid_prob=v))
 
 
 def test_draft_distributions_must_name_tokens_of_the_vocabulary():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dsd_node.engine.config import ErrorCode, Stats
+from dsd_node.engine.config import ErrorCode, GenerationConfig, Stats
 from dsd_node.engine.models import load_tokenizer
 from dsd_node.engine.verify import Rule
 from dsd_node.net.metrics import NodeMetrics, parse_host_port
@@ -29,11 +29,13 @@ def test_request_defaults_and_dsd_fields(tok):
     assert r.prompt_ids == tok("def f(x):")["input_ids"] and r.config.max_new_tokens == 16  # OpenAI's default
     assert r.config.sampling.rule == Rule.SAMPLE and r.config.sampling.temperature == 1.0  # OpenAI's default too
     r = parse(tok, {"prompt": [[5, 6, 7]], "max_tokens": 9, "temperature": 0, "mode": "dsi", "draft_k": 6,
-                    "max_inflight": 3, "stop": "\n\n", "stream": True, "stream_options": {"include_usage": True},
+                    "max_inflight": 3, "min_valid_prob": 0, "stop": "\n\n", "stream": True, "stream_options": {"include_usage": True},
                     "user": "ignored", "presence_penalty": 0})
     assert r.prompt_ids == [5, 6, 7] and r.stop == ["\n\n"] and r.stream and r.include_usage
     c = r.config
     assert (c.mode, c.max_new_tokens, c.draft_k, c.max_inflight, c.sampling.rule) == ("dsi", 9, 6, 3, Rule.GREEDY)
+    assert c.min_valid_prob == 0
+    assert parse(tok, {"prompt": "x"}).config.min_valid_prob == GenerationConfig.min_valid_prob
     assert parse(tok, {"prompt": "x", "adaptive": True}).config.sampling.rule == Rule.ADAPTIVE  # greedy underneath
     r = parse(tok, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, chat=True)
     assert r.prompt_ids == tok("user: hi\nassistant:")["input_ids"] and r.config.max_new_tokens == 512
@@ -56,6 +58,8 @@ def test_request_defaults_and_dsd_fields(tok):
     ({"prompt": "x", "logprobs": 2}, 400, "not supported"),
     ({"prompt": "x", "mode": "turbo"}, 400, "mode must be one of"),
     ({"prompt": "x", "draft_k": 0}, 400, "draft_k"),
+    ({"prompt": "x", "min_valid_prob": 2}, 400, "min_valid_prob"),
+    ({"prompt": "x", "min_valid_prob": "high"}, 400, "min_valid_prob must be a number"),
 ])
 def test_bad_requests_are_400_or_404_with_a_reason(tok, body, status, text):
     with pytest.raises(ApiError) as e:

@@ -67,6 +67,8 @@ class GenerationConfig:
             raise ValueError("draft_k must be between 1 and 64")
         if self.max_inflight < 0:
             raise ValueError("max_inflight cannot be negative")
+        if not 0.0 <= self.min_valid_prob <= 1.0:  # NaN fails too
+            raise ValueError("min_valid_prob must be between 0 and 1")
         self.tree.validate()
 
 

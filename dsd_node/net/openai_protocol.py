@@ -2,7 +2,7 @@
 OpenAI's JSON error shape (`ApiError`), streamed text held back at a possible stop sequence (`StopScanner`),
 committed tokens turned into text (`Detokenizer`), chat messages into a prompt, and response bodies.
 
-dsd's own settings ride along as extra body fields (`mode`, `draft_k`, `max_inflight`, `adaptive`,
+dsd's own settings ride along as extra body fields (`mode`, `draft_k`, `max_inflight`, `min_valid_prob`, `adaptive`,
 `adaptive_margin`, `adaptive_tie_margin`, `ignore_eos`, and the draft tree's `branch`, `branch_depth`,
 `max_nodes`); dsd's stats come back in an extra `dsd` field.
 """
@@ -191,6 +191,8 @@ def generation_config(body: dict, max_tokens: int, default_max_inflight: int) ->
         tree = TreeShape(**{f.name: _field(body, f.name, (int,), f.default) for f in fields(TreeShape)})
         cfg = GenerationConfig(mode=mode, max_new_tokens=max_tokens, draft_k=_field(body, "draft_k", (int,), 4),
                                tree=tree, max_inflight=_field(body, "max_inflight", (int,), 0) or default_max_inflight,
+                               min_valid_prob=float(_field(body, "min_valid_prob", (int, float),
+                                                           GenerationConfig.min_valid_prob)),
                                sampling=sampling, ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)))
         cfg.validate()
     except ValueError as e:

@@ -142,7 +142,8 @@ def tree_shape_from_pb(m: pb.TreeShape) -> TreeShape:
 def generate_request_to_pb(prompt: str | list[int], cfg: GenerationConfig) -> pb.GenerateRequest:
     req = pb.GenerateRequest(mode=cfg.mode, max_new_tokens=cfg.max_new_tokens, draft_k=cfg.draft_k,
                              sampling=sampling_to_pb(cfg.sampling), max_inflight=cfg.max_inflight,
-                             ignore_eos=cfg.ignore_eos, tree=tree_shape_to_pb(cfg.tree))
+                             ignore_eos=cfg.ignore_eos, tree=tree_shape_to_pb(cfg.tree),
+                             min_valid_prob=cfg.min_valid_prob)
     if isinstance(prompt, str):
         req.prompt = prompt
     else:
@@ -158,6 +159,8 @@ def generation_config_from_pb(m: pb.GenerateRequest, default_max_inflight: int =
     cfg = GenerationConfig(mode=m.mode or "si", max_new_tokens=m.max_new_tokens or 64, draft_k=m.draft_k or 4,
                            tree=tree_shape_from_pb(m.tree) if m.HasField("tree") else TreeShape(),
                            max_inflight=m.max_inflight or default_max_inflight, sampling=s, ignore_eos=m.ignore_eos)
+    if m.HasField("min_valid_prob"):
+        cfg.min_valid_prob = m.min_valid_prob
     cfg.validate()
     return cfg
 

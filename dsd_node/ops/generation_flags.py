@@ -26,6 +26,9 @@ def add_generation_flags(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-k", type=int, default=4, help="draft depth: tokens proposed per round (default 4)")
     g.add_argument("--max-inflight", type=int, default=0,
                    help="dsi: most rounds in flight (default 0: one per pipeline stage, trimmed when drafts are often rejected)")
+    g.add_argument("--min-valid-prob", type=float, default=GenerationConfig.min_valid_prob,
+                   help="dsi: send a round past the draft chain only when it is at least this likely to be used and "
+                        f"the measured costs say it pays (default {GenerationConfig.min_valid_prob:g}; 0: whenever allowed)")
     for f in fields(TreeShape):  # one flag per field of the tree's shape
         g.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f.metadata["help"])
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples losslessly")
@@ -48,7 +51,8 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     sampling = SamplingParams.create(args.temperature, args.top_p, args.seed, args.adaptive, args.adaptive_margin,
                                      args.adaptive_tie_margin)
     cfg = GenerationConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, draft_k=args.draft_k,
-                           max_inflight=args.max_inflight, sampling=sampling, ignore_eos=args.ignore_eos,
+                           max_inflight=args.max_inflight, min_valid_prob=args.min_valid_prob, sampling=sampling,
+                           ignore_eos=args.ignore_eos,
                            tree=TreeShape(**{f.name: getattr(args, f.name) for f in fields(TreeShape)}))
     cfg.validate()
     return cfg

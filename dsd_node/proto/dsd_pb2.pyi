@@ -244,7 +244,7 @@ class ExcludedPeer(_message.Message):
     def __init__(self, address: _Optional[str] = ..., reason: _Optional[str] = ..., remaining_s: _Optional[float] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_tokens", "mode", "max_new_tokens", "draft_k", "sampling", "max_inflight", "ignore_eos", "tree")
+    __slots__ = ("prompt", "prompt_tokens", "mode", "max_new_tokens", "draft_k", "sampling", "max_inflight", "ignore_eos", "tree", "min_valid_prob")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,7 @@ class GenerateRequest(_message.Message):
     MAX_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
+    MIN_VALID_PROB_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
     mode: str
@@ -263,7 +264,8 @@ class GenerateRequest(_message.Message):
     max_inflight: int
     ignore_eos: bool
     tree: TreeShape
-    def __init__(self, prompt: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., draft_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_inflight: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ...) -> None: ...
+    min_valid_prob: float
+    def __init__(self, prompt: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., draft_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_inflight: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ..., min_valid_prob: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("rounds", "rounds_wasted", "accepted_per_round", "tokens_per_s", "ms_per_token", "new_tokens", "inflight", "mode", "draft_ms", "wall_ms", "failovers", "drafter_failures", "fallback_rounds")
