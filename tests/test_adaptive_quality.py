@@ -42,3 +42,17 @@ def test_adaptive_sweep_is_exact_at_zero_margins_and_reports_the_cost_of_loose_o
     assert loose.modelled_tokens_per_s > greedy.modelled_tokens_per_s > 0
     assert choose(rows) in (strict, loose)
     assert choose([greedy, AdaptiveRow(**{**loose.__dict__, "within_bound": False})]) is None
+
+
+@pytest.mark.extended  # starts a 2-stage testnet
+def test_the_sweep_timed_through_a_testnet_commits_what_the_engine_commits(tmp_path, tokenizer):
+    import asyncio
+
+    from dsd_node.ops.bench.adaptive import time_on_testnet
+
+    prompts = [(f"builtin/{i}", BUILTIN_PROMPTS[i]) for i in (0, 4)]
+    rows = run(prompts, 16, 4, 2, 0.0, settings=[(0.0, 0.01), (0.5, 0.5)])
+    asyncio.run(time_on_testnet(rows, [tokenizer(t)["input_ids"] for _, t in prompts], 16, 4, 2, 0.0, tmp_path))
+    for r in rows:  # the same rule on the same tree: the same tokens per round through real stages as in one process
+        assert r.measured_tokens_per_s > 0 and r.measured_tokens_per_round == pytest.approx(r.tokens_per_round, abs=1e-3)
+    assert rows[2].measured_tokens_per_round > rows[0].measured_tokens_per_round  # the loose rule accepts more

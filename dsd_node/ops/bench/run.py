@@ -63,7 +63,7 @@ def _gen_config(mode: str, k: int | None, tokens: int, max_inflight: int):
                             ignore_eos=True)
 
 
-def _testnet_specs(cfg: BenchConfig, n: int, t1: float, drafter: str | None) -> list:
+def testnet_specs(cfg: BenchConfig, n: int, t1: float, drafter: str | None) -> list:
     """Head + drafter + stage 0 in one process (L = N links per round); every node behind the link emulator."""
     specs = testnet.plan(n, model=cfg.model, drafter=cfg.drafter_source(drafter) if drafter else None,
                          threads=cfg.threads, link_delay_ms=t1, colocate=True,
@@ -128,7 +128,7 @@ class _GroupRun:
                  probe: SpeedProbe):
         self.cfg, self.group, self.prompt_ids, self.progress, self.probe = cfg, group, prompt_ids, progress, probe
         d = group.drafter or "none"
-        self.nets = {t1: testnet.Testnet(_testnet_specs(cfg, group.stages, t1, group.drafter),
+        self.nets = {t1: testnet.Testnet(testnet_specs(cfg, group.stages, t1, group.drafter),
                                  log_dir=cfg.out / "logs" / f"N{group.stages}-t{t1:g}-{d}") for t1 in group.cells}
         self.clients: dict = {}
         self.runs_per_cell = cfg.repeats * len(prompt_ids)
