@@ -17,7 +17,7 @@ from dsd_node.engine.config import GenerationConfig, TreeShape
 from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.head import Head
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
-from dsd_node.engine.speculation import DsiPolicy, Ewma, PolicyMemory
+from dsd_node.engine.speculation import AHEAD, ONE, SPLIT, DsiPolicy, Ewma, PolicyMemory
 from dsd_node.engine.tree import TokenTree
 from dsd_node.ops.bench.dsi_sim import scripted_verdict
 
@@ -140,7 +140,7 @@ async def generate(
 
 def eager() -> DsiPolicy:
     """A policy that believes every draft is right and that rounds cost nothing: as many rounds in flight as allowed."""
-    return DsiPolicy(min_valid_prob=0.05, stages=0, hits=1e9, tries=1e9)
+    return DsiPolicy(min_valid_prob=0.05, stages=0, hits=1e9, tries=1e9, explore_every=0)
 
 
 def frozen(alpha: float, wait_ms: float, draft_ms: float, stages: int = 4, min_valid_prob: float = 0.35,
@@ -322,18 +322,18 @@ def test_policy_lets_the_realized_chain_times_overrule_the_model():
     p.explore_every = 4
     assert p.model_split(4) == 1
     assert p.split(4) == 4  # si's way first, to have something to compare with
-    p.saw_chain(False, 300.0, 3)
+    p.saw_chain(ONE, 300.0, 3)
     assert p.split(4) == 1  # then the split
-    p.saw_chain(True, 600.0, 3)  # the split was slower here (e.g. drafting and stages sharing two cores)
+    p.saw_chain(SPLIT, 600.0, 3)  # the split was slower here (e.g. drafting and stages sharing two cores)
     assert p.split(4) == 4
-    p.saw_chain(False, 300.0, 3)
+    p.saw_chain(ONE, 300.0, 3)
     assert p.split(4) == 4
-    p.saw_chain(False, 300.0, 3)
+    p.saw_chain(ONE, 300.0, 3)
     assert p.split(4) == 4
-    p.saw_chain(False, 300.0, 3)
+    p.saw_chain(ONE, 300.0, 3)
     assert p.split(4) == 1  # the slower way still gets 1 chain in explore_every: tried again
-    p.saw_chain(True, 100.0, 5)  # and now the split is faster overall: 700 ms / 8 tokens < 1200 / 12
-    assert p.chain_rate(True) < p.chain_rate(False) and p.split(4) == 1
+    p.saw_chain(SPLIT, 100.0, 5)  # and now the split is faster overall: 700 ms / 8 tokens < 1200 / 12
+    assert p.chain_rate(SPLIT) < p.chain_rate(ONE) and p.split(4) == 1
 
 
 async def test_a_routes_next_session_starts_from_what_its_last_one_measured():
@@ -359,15 +359,15 @@ async def test_a_routes_next_session_starts_from_what_its_last_one_measured():
 def test_kept_chain_rates_are_bounded_so_a_change_is_still_seen():
     old = frozen(0.7, 150, 11)
     for _ in range(100):
-        old.saw_chain(False, 300.0, 3)
-        old.saw_chain(True, 600.0, 3)
+        old.saw_chain(ONE, 300.0, 3)
+        old.saw_chain(SPLIT, 600.0, 3)
     new = DsiPolicy()
     new.carry_from(old, prior_tries=16.0, chain_memory=32)
     assert sum(new.chain_count.values()) == pytest.approx(32)
-    assert new.chain_rate(False) == pytest.approx(100.0) and new.chain_rate(True) == pytest.approx(200.0)
+    assert new.chain_rate(ONE) == pytest.approx(100.0) and new.chain_rate(SPLIT) == pytest.approx(200.0)
     for _ in range(30):  # the split became faster on this route: a few sessions' chains turn the comparison
-        new.saw_chain(True, 100.0, 3)
-    assert new.chain_rate(True) < new.chain_rate(False)
+        new.saw_chain(SPLIT, 100.0, 3)
+    assert new.chain_rate(SPLIT) < new.chain_rate(ONE)
 
 
 def test_policy_measures_the_overhead_of_a_round_behind_another_from_the_waits():
@@ -446,7 +446,7 @@ async def test_dsi_tries_si_and_the_split_and_keeps_the_faster():
     out, head, _ = await generate(dsi(4, 3, max_new_tokens=60), ScriptedDrafter(wrong_at={3: 0, 6: 2}), depth=4,
                                   policy=p)
     assert out == greedy(PROMPT, 60)
-    assert p.chain_count[False] >= 1 and p.chain_count[True] >= 1
+    assert p.chain_count[ONE] >= 1 and p.chain_count[SPLIT] >= 1
     assert 0 < sum(p.chain_tokens.values()) <= len(out)  # every chain's tokens counted once, the prompt's not
 
 
@@ -455,6 +455,38 @@ async def test_dsi_speculates_past_the_chain_when_whole_rounds_are_likely():
                                   policy=frozen(0.95, 150, 2))
     assert out == greedy(PROMPT, 40)
     assert max(head.stats.inflight) == 2 and head.stats.rounds_wasted == 0
+
+
+def test_rounds_past_the_chain_go_only_while_such_chains_realize_more_tokens_per_ms():
+    p = frozen(0.95, 150, 2)
+    p.explore_every = 4
+    assert p.speculate(5, 5, 150.0)  # the model says they pay
+    assert not p.may_go_ahead()  # si's way first, to have something to compare with
+    p.saw_chain(ONE, 300.0, 3)
+    assert p.may_go_ahead()
+    p.saw_chain(AHEAD, 900.0, 3)  # slower here (a compute-bound pipeline: the rounds queue behind each other)
+    assert not p.may_go_ahead()
+    for _ in range(3):
+        p.saw_chain(ONE, 300.0, 3)
+    assert p.may_go_ahead()  # the loser keeps 1 chain in explore_every
+    p.saw_chain(AHEAD, 100.0, 9)  # and now faster overall: 1000 ms / 12 tokens < 1200 / 12
+    assert p.may_go_ahead()
+    p.min_valid_prob = 0.0
+    p.saw_chain(AHEAD, 1e6, 1)
+    assert p.may_go_ahead()  # min_valid_prob 0: always (how tests drive rollbacks)
+
+
+async def test_dsi_sends_no_round_past_the_chain_where_such_chains_were_slower():
+    p = frozen(0.95, 150, 2)
+    p.explore_every = 8
+    for _ in range(4):  # 4 slow chains with rounds past them among 24: the loser has had its share (1 in 8)
+        p.saw_chain(AHEAD, 3000.0, 5)
+    for _ in range(20):
+        p.saw_chain(ONE, 300.0, 5)
+    out, head, _ = await generate(dsi(4, 3, max_new_tokens=24), ScriptedDrafter(), depth=4, policy=p)
+    assert out == greedy(PROMPT, 24)
+    assert max(head.stats.inflight) == 0 and head.stats.rounds_wasted == 0  # si's rounds, one at a time
+    assert p.chain_count[AHEAD] == 4 and p.chain_count[ONE] > 20  # its own chains went the faster way
 
 
 @pytest.mark.parametrize("policy", ["split", "ahead", "eager"])

@@ -28,7 +28,7 @@ from typing import Protocol
 from dsd_node.engine.config import GenerationConfig, GenerationError, Stats
 from dsd_node.engine.drafter import Draft, DraftRequest
 from dsd_node.engine.messages import RoundMsg, VerdictMsg
-from dsd_node.engine.speculation import DsiPolicy
+from dsd_node.engine.speculation import AHEAD, ONE, SPLIT, DsiPolicy
 from dsd_node.engine.tree import TokenTree
 
 log = logging.getLogger("dsd.head")
@@ -86,7 +86,8 @@ class Head:
         self.policy = policy or DsiPolicy(cfg.min_valid_prob, pipeline_depth)  # dsi: measured figures, decisions
         self.chain_left = 0  # dsi: drafts of the current chain still to send (the second round of a split)
         self.wasted_until = 0.0  # when the wasted rounds still in the pipeline are expected out of it
-        self.chain: tuple[float, int, bool] | None = None  # dsi: the chain under way: start, len(known), split
+        self.chain: tuple[float, int, str] | None = None  # dsi: the chain under way: start, len(known), its way
+        self.chain_may_ahead = False  # dsi: rounds past the chain under way are allowed (when they pay)
 
     @property
     def generated(self) -> list[int]:
@@ -105,12 +106,14 @@ class Head:
             return k
         now = time.perf_counter()
         if self.chain is not None:  # the chain before this one ended with the verdict just taken
-            start, n_known, split = self.chain
-            self.policy.saw_chain(split, (now - start) * 1e3, len(self.known) - n_known)
+            start, n_known, way = self.chain
+            self.policy.saw_chain(way, (now - start) * 1e3, len(self.known) - n_known)
         j = self.policy.split(k)
         self.chain_left = k - j
+        self.chain_may_ahead = self.policy.may_go_ahead()
         # the prompt's chain also prefills: not a chain's time
-        self.chain = (now, len(self.known), j < k) if len(self.known) > self.n_prompt or self.stats.rounds else None
+        way = SPLIT if j < k else ONE
+        self.chain = (now, len(self.known), way) if len(self.known) > self.n_prompt or self.stats.rounds else None
         return j
 
     def _next_depth(self) -> int:
@@ -121,10 +124,16 @@ class Head:
             return 0
         if self.chain_left:  # the rest of a split chain: si would have sent it already
             return self.chain_left
+        if not self.chain_may_ahead:
+            return 0
         depth = self.cfg.draft_k + 1  # the guess for the last round's added token, then draft_k
         newest = self.inflight[-1]
         remaining = newest.sent_at + (self.policy.wait_ms.value or 0.0) / 1e3 - time.perf_counter()
-        return depth if self.policy.speculate(self._speculated(), depth, max(0.0, remaining) * 1e3) else 0
+        if not self.policy.speculate(self._speculated(), depth, max(0.0, remaining) * 1e3):
+            return 0
+        if self.chain is not None:
+            self.chain = (*self.chain[:2], AHEAD)
+        return depth
 
     def _speculated(self) -> int:
         """Tokens beyond `known` that the rounds in flight assume: their drafts plus the token each verdict adds.

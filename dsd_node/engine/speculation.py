@@ -30,6 +30,12 @@ loop, and when it is wasted that drafting and its stage compute were taken from 
 
     send iff p >= min_valid_prob and p·R - max(0, m·D' - R) > (1 - p)·(m·D' + overhead)
 
+The realized rates decide. The model leaves out what the machine adds (drafting and stages taking turns on
+shared cores, a busier pipeline), so each chain is recorded by the way it went: ONE (si's round), SPLIT, or
+AHEAD (rounds past the chain were sent during it), with its ms and committed tokens. Where the model proposes
+a split, the split is used only while split chains realize fewer ms per token than ONE's; rounds past the
+chain only while AHEAD chains do. The way that lost keeps 1 chain in `explore_every`, so a change is seen.
+
 Memory. A 32-token generation has about ten chains: learning the figures above within one session costs a
 good part of it (split chains and rounds past the chain sent on the prior, before the overhead of a round
 behind another is known). `PolicyMemory` carries a route's figures from one session to the next on it (the
@@ -44,6 +50,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+ONE, SPLIT, AHEAD = "one", "split", "ahead"  # the ways a chain can go (see "The realized rates decide")
 ROUND_OVERHEAD_MS_PER_STAGE = 2.0  # prior for one more round through a stage (~2 ms per hop: DESIGN.md)
 
 
@@ -77,9 +84,9 @@ class DsiPolicy:
         self.draft_ms_per_token = self.draft_ms_per_token or Ewma()
         self.wait_behind_ms = self.wait_behind_ms or Ewma()
         self.draft_busy_ms_per_token = self.draft_busy_ms_per_token or Ewma()
-        self.chain_ms = {False: 0.0, True: 0.0}  # realized time of whole chains, sent as one round / split
-        self.chain_tokens = {False: 0, True: 0}
-        self.chain_count = {False: 0, True: 0}
+        self.chain_ms = dict.fromkeys((ONE, SPLIT, AHEAD), 0.0)  # realized time of whole chains, by way
+        self.chain_tokens = dict.fromkeys((ONE, SPLIT, AHEAD), 0.0)
+        self.chain_count = dict.fromkeys((ONE, SPLIT, AHEAD), 0.0)
 
     @property
     def accept_rate(self) -> float:
@@ -120,8 +127,8 @@ class DsiPolicy:
         w, wb, d, db = (f"{x:.1f}" if x is not None else "-" for x in f)
         return (f"acceptance {self.accept_rate:.2f}, wait {w} ms (behind another round {wb} ms, overhead "
                 f"{self.overhead_ms:.1f} ms), draft {d} ms/token ({db} with a round in flight): split "
-                f"{self.model_split(k)} of {k}; realized ms/token: one round {_f(self.chain_rate(False))} "
-                f"({self.chain_count[False]:.0f} chains), split {_f(self.chain_rate(True))} ({self.chain_count[True]:.0f})")
+                f"{self.model_split(k)} of {k}; realized ms/token: " + ", ".join(
+                    f"{w} {_f(self.chain_rate(w))} ({self.chain_count[w]:.0f} chains)" for w in (ONE, SPLIT, AHEAD)))
 
     def chain_time(self, j: int, k: int) -> float:
         """T(j): expected ms from a restart to the verdict that ends a chain of k drafts sent as [y, d1..dj] + the rest."""
@@ -132,15 +139,29 @@ class DsiPolicy:
         rest = j * d + (k - j) * db
         return q * (rest + w) + (1 - q) * max(j * d + w, rest) + self.overhead_ms
 
-    def saw_chain(self, split: bool, ms: float, tokens: int) -> None:
+    def saw_chain(self, way: str, ms: float, tokens: int) -> None:
         """A chain ended (the next one starts): how long it took from its start and the tokens it committed."""
-        self.chain_ms[split] += ms
-        self.chain_tokens[split] += tokens
-        self.chain_count[split] += 1
+        self.chain_ms[way] += ms
+        self.chain_tokens[way] += tokens
+        self.chain_count[way] += 1
 
-    def chain_rate(self, split: bool) -> float | None:
-        """Realized ms per committed token of the chains sent one way (None before one is measured)."""
-        return self.chain_ms[split] / self.chain_tokens[split] if self.chain_tokens[split] else None
+    def chain_rate(self, way: str) -> float | None:
+        """Realized ms per committed token of the chains that went `way` (None before one is measured)."""
+        return self.chain_ms[way] / self.chain_tokens[way] if self.chain_tokens[way] else None
+
+    def _prefer(self, way: str) -> bool:
+        """Go `way` (SPLIT or AHEAD) rather than ONE on this chain? ONE first, then `way`, then the one whose chains
+        realized fewer ms per token, the other keeping 1 chain in explore_every."""
+        if self.explore_every <= 0:
+            return True
+        if not self.chain_count[ONE]:
+            return False
+        if not self.chain_count[way]:
+            return True
+        better = self.chain_rate(way) <= self.chain_rate(ONE)
+        loser = ONE if better else way
+        explore = self.chain_count[loser] * self.explore_every < self.chain_count[ONE] + self.chain_count[way]
+        return better != explore
 
     def model_split(self, k: int) -> int:
         """The j that minimizes T(j) (k: no split, as si). Unmeasured: k."""
@@ -154,15 +175,11 @@ class DsiPolicy:
         of the two, with the other tried every `explore_every`-th chain (the model ignores what the machine
         adds: drafting and stages taking turns on shared cores, a busier pipeline)."""
         j = self.model_split(k)
-        if j >= k or self.explore_every <= 0:
-            return j
-        if not self.chain_count[False]:
-            return k
-        if not self.chain_count[True]:
-            return j
-        split_better = self.chain_rate(True) <= self.chain_rate(False)
-        explore = self.chain_count[not split_better] * self.explore_every < sum(self.chain_count.values())
-        return j if split_better != explore else k
+        return j if j >= k or self._prefer(SPLIT) else k
+
+    def may_go_ahead(self) -> bool:
+        """May the chain starting now have rounds past it (when the model says they pay)? min_valid_prob 0: yes."""
+        return self.min_valid_prob <= 0 or self._prefer(AHEAD)
 
     def carry_from(self, old: DsiPolicy, prior_tries: float, chain_memory: int) -> None:
         """Start from what an earlier session on the same route measured: its timings, its chains' realized
@@ -173,7 +190,7 @@ class DsiPolicy:
         scale = min(1.0, prior_tries / old.tries)
         self.hits, self.tries = old.hits * scale, old.tries * scale
         scale = min(1.0, chain_memory / max(1, sum(old.chain_count.values())))
-        for way in (False, True):
+        for way in self.chain_count:
             self.chain_ms[way] = old.chain_ms[way] * scale
             self.chain_tokens[way] = old.chain_tokens[way] * scale
             self.chain_count[way] = old.chain_count[way] * scale
