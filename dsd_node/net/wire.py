@@ -101,8 +101,8 @@ class SessionSetup:
     route: list[Hop]
     hop: int
     reply_to: str
-    reply_record: bytes
-    sampling: SamplingParams
+    reply_record: bytes = field(compare=False, repr=False)  # as Hop.record: a repeat may leave the records out
+    sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 class NoSessionSetup(WireError):
