@@ -303,6 +303,7 @@ class LocalStageLink:
         except Exception as e:  # noqa: BLE001 - as the Forward reader: the stream ends with the status
             self._stopped = True
             st.queue.put_nowait(abort_for(e))
+        await asyncio.sleep(0)  # the stage takes the round now, before the head's next work (a gRPC write yields too)
 
     async def close(self, cancel: bool = False) -> None:
         if cancel:
