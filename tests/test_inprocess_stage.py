@@ -5,6 +5,8 @@ checked against Hugging Face greedy generation and against the node's own metric
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -13,24 +15,28 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dsd_node.engine.config import GenerationConfig
 from dsd_node.net.client import DsdClient
-from dsd_node.ops.testnet import Testnet, free_port, plan
+from dsd_node.ops.testnet import Testnet, Trust, free_port, plan
 
 pytestmark = pytest.mark.slow  # starts node processes
 
 
 @pytest.fixture(scope="module")
 def net():
-    specs = plan(2, colocate=True, extra=["--round-timeout", "20"])
+    """TLS links: the head is a stage's caller with its own identity, as any upstream is (check_upstream)."""
+    key_dir = Path(tempfile.mkdtemp(prefix="dsd-inprocess-"))
+    specs = plan(2, colocate=True, trust=Trust(tls=True), key_dir=key_dir, extra=["--round-timeout", "20"])
     head = specs[-1]
     head.args += ["--metrics", f"127.0.0.1:{free_port()}"]
-    n = Testnet(specs)
+    n = Testnet(specs, temp_dirs=[key_dir])
     try:
         asyncio.run(n.up())
     except BaseException:
         n.down()
+        n.remove_temp_dirs()
         raise
     yield n
     n.down()
+    n.remove_temp_dirs()
 
 
 async def _stage_sessions(net) -> dict[str, float]:
@@ -49,6 +55,7 @@ async def test_the_colocated_first_stage_runs_in_process_and_equals_hf(net, refe
             r = await c.generate(prompt, GenerationConfig(mode=mode, max_new_tokens=24))
             assert r.tokens == hf_greedy(reference, tokenizer(prompt)["input_ids"], 24, tokenizer.eos_token_id), mode
             n += 1
+    assert c.tls  # the links are TLS: the head calls its stage as the node it is
     after = await _stage_sessions(net)
     assert after.get("in_process", 0) - before.get("in_process", 0) == n  # every session entered stage 0 in-process
     assert after.get("grpc", 0) == before.get("grpc", 0) == 0  # and none through a gRPC call to itself
