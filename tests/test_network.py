@@ -123,7 +123,7 @@ async def test_bad_input_gets_clear_statuses_and_the_node_keeps_serving(net2, re
     m.hidden.dtype = "int7"
     cases["unknown dtype"] = (m, grpc.StatusCode.INVALID_ARGUMENT, "unknown tensor dtype")
     m = second_stage_round(good)
-    m.hop = 0  # says layers 0:4 to the node hosting 4:8
+    m.setup.hop = 0  # says layers 0:4 to the node hosting 4:8
     cases["layers not hosted"] = (m, grpc.StatusCode.INVALID_ARGUMENT, "this node hosts 4:8")
     for name, (msg, code, text) in cases.items():
         err = await _forward_error(s1.address, [msg])
@@ -145,6 +145,29 @@ async def test_bad_input_gets_clear_statuses_and_the_node_keeps_serving(net2, re
             await c.generate([5] * 2040, GenerationConfig(max_new_tokens=16))  # prompt + new tokens > 2048 positions
         r = await c.generate(PROMPTS[0], GenerationConfig(max_new_tokens=16))
     assert r.tokens == hf_greedy(reference, tokenizer(PROMPTS[0])["input_ids"], 16, tokenizer.eos_token_id)
+
+
+async def test_a_stage_keeps_the_settings_of_a_sessions_first_round(net2):
+    """The route, hop and sampling travel once, in a stream's first round. A stream that opens without them gets
+    FAILED_PRECONDITION; a later round that changes them INVALID_ARGUMENT; a later round without them is run with
+    the first round's hop (checked against the layers that hop names), and the stage keeps serving."""
+    s0, s1 = [s for s in net2.specs if s.name.startswith("stage")]
+    route = [Hop(s0.address, 0, 4), Hop(s1.address, 4, 8)]
+    tree = TokenTree([5, 6], [-1, 0], n_given=2)
+    first = round_to_pb(RoundMsg("settings", 0, 0, route=route, hop=1, reply_to=net2.gateway))  # commit-only
+    later = round_to_pb(RoundMsg("settings", 1, 0, tree=tree, hidden=torch.zeros(1, 3, 256)), setup=False)
+    assert not later.HasField("setup") and first.HasField("setup")
+    err = await _forward_error(s1.address, [later])
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+    assert "brings no session settings and this stage holds none" in err.details(), err.details()
+    # the later round has no hop of its own: the stored hop 1 (layers 4:8) passes the layer check, so what
+    # fails is its hidden states' shape (3 nodes' worth for a tree of 2), not "this node hosts 4:8"
+    err = await _forward_error(s1.address, [first, later])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "hidden states have shape" in err.details(), err
+    changed = round_to_pb(RoundMsg("settings", 1, 0, route=route, hop=0, reply_to=net2.gateway))
+    err = await _forward_error(s1.address, [first, changed])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "changes the session's settings" in err.details(), err
+    await _wait_no_sessions([s0.address, s1.address])
 
 
 def test_cli_reports_a_gateway_that_does_not_answer():

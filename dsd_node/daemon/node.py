@@ -66,7 +66,7 @@ from dsd_node.net.grpc_util import Channels, make_server, query_info
 from dsd_node.net.http_api import HttpApi
 from dsd_node.net.metrics import NodeMetrics, parse_host_port, serve_metrics
 from dsd_node.net.node_services import DrafterService, NodeService
-from dsd_node.net.stage_service import StageService
+from dsd_node.net.stage_service import ColocatedStage, StageService
 from dsd_node.net.tls import (
     AccessPolicy,
     Membership,
@@ -266,10 +266,11 @@ class Node:
         return a, b
 
     def add_services(self) -> None:
+        stage = None
         if self.stage is not None:
-            rpc.add_StageServicer_to_server(StageService(self.stage, self.channels, self.cfg.session_ttl, self.metrics,
-                                                         policy=self.policy, dialable=self.dialable_peers(),
-                                                         peer_id=self.peer_id), self.server)
+            stage = StageService(self.stage, self.channels, self.cfg.session_ttl, self.metrics, policy=self.policy,
+                                 dialable=self.dialable_peers(), peer_id=self.peer_id)
+            rpc.add_StageServicer_to_server(stage, self.server)
         if self.drafter is not None:
             rpc.add_DrafterServicer_to_server(DrafterService(self.drafter, self.cfg.limits()), self.server)
         if "head" in self.roles:
@@ -278,6 +279,8 @@ class Node:
             if self.discovery is not None:  # the record proving reply_to, sent with each session's first round
                 role = "head" if self.stage is None else "stage"
                 self.gateway.reply_record = lambda: self.discovery.sign(self.record(role))
+            if stage is not None:  # a route that starts here: the head enters its own stage in-process
+                self.gateway.colocated = ColocatedStage(stage, frozenset({self.address, self.self_address}))
             rpc.add_GatewayServicer_to_server(self.gateway, self.server)
         rpc.add_NodeServicer_to_server(NodeService(self.describe), self.server)
 

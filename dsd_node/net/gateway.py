@@ -40,6 +40,7 @@ from dsd_node.net.grpc_util import Channels, query_info
 from dsd_node.net.mailbox import Mailbox
 from dsd_node.net.metrics import NodeMetrics
 from dsd_node.net.pipeline_client import GrpcPipeline
+from dsd_node.net.stage_service import ColocatedStage
 from dsd_node.net.tls import AccessPolicy, AuthError
 from dsd_node.net.wire import ExcludedPeer, WireError, generation_config_from_pb, stats_to_pb, verdict_from_pb
 from dsd_node.proto import dsd_pb2 as pb
@@ -96,6 +97,7 @@ class GatewayService(rpc.GatewayServicer):
         self._admission: Admission | None = None
         self.trace = HopTrace.from_env("head")  # per-round timestamps (DSD_HOP_TRACE; hop_profile)
         self.dsi_memory = PolicyMemory()  # dsi: what each route's sessions measured, for the next one on it
+        self.colocated: ColocatedStage | None = None  # this node's own stage: entered in-process when first in a route
 
     @property
     def route(self) -> list[Hop]:
@@ -327,11 +329,12 @@ class GatewayService(rpc.GatewayServicer):
     async def _open_pipeline(self, sid: str, route: list[Hop], **kw) -> GrpcPipeline:
         """A pipeline session on `route` whose verdicts this gateway takes only from the route's last stage
         (`_forget` ends that). OSError: the first stage is unreachable, or not the peer the route names."""
-        channel = await self.channels.get(route[0].address, route[0].peer_id or None)
+        local = self.colocated.link(route[0]) if self.colocated and self.colocated.serves(route[0]) else None
+        channel = None if local else await self.channels.get(route[0].address, route[0].peer_id or None)
         verdicts = Mailbox()
         self.sessions[sid], self.last_stage[sid] = verdicts, route[-1].peer_id
         return GrpcPipeline(sid, route, self.address, channel, verdicts, self.cfg.round_timeout_s, self.cfg.deadline,
-                            silent=lambda: self._silent(route), reply_record=self.reply_record(), **kw)
+                            silent=lambda: self._silent(route), reply_record=self.reply_record(), local_link=local, **kw)
 
     def _forget(self, sid: str) -> None:
         self.sessions.pop(sid, None)

@@ -56,6 +56,8 @@ class NodeMetrics:
         self.forward = Histogram("dsd_stage_forward_seconds", "Stage: time to run one round (layers, and the "
                                  "verification on the last stage)", ["layers"], buckets=LATENCY_BUCKETS, registry=r)
         self.stage_rounds = Counter("dsd_stage_rounds", "Stage: rounds handled", ["layers"], registry=r)
+        self.stage_sessions = Counter("dsd_stage_sessions", "Stage: sessions opened, by how their rounds come "
+                                      "(grpc; in_process: from this node's own head)", ["transport"], registry=r)
         # live state, read when scraped (set_source)
         self.active_sessions = Gauge("dsd_active_sessions", "Sessions open now (head: generations; stage: KV sessions)",
                                      ["role"], registry=r)

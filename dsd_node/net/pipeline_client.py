@@ -73,20 +73,23 @@ class GrpcPipeline:
 
     async_send = True  # send returns once the round is written to the first stage (see engine.head.Pipeline)
 
-    def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel,
+    def __init__(self, session_id: str, route: list[Hop], reply_to: str, channel: grpc.aio.Channel | None,
                  verdicts: Mailbox, round_timeout_s: float = 60.0, deadline: AdaptiveDeadline | None = None,
                  silent: Callable[[], Awaitable[list[str]]] | None = None,
                  on_round_trip: Callable[[float], None] | None = None, reply_record: bytes = b"",
-                 trace: HopTrace | None = None):
+                 trace: HopTrace | None = None, local_link=None):
         """route's hops may carry their signed discovery records and reply_record the head's: the first round
-        takes them to the stages, which dial only announced peers (dsd_node.net.dialable); later rounds not."""
+        takes them to the stages, with the route and the sampling settings (a SessionSetup), which the stages
+        keep for the session's later rounds; they dial only announced peers (dsd_node.net.dialable).
+        local_link (a stage_service.LocalStageLink, instead of channel): the first stage is in this process."""
         self.session_id, self.reply_to = session_id, reply_to
         self.route = [replace(h, record=b"") for h in route]
         self._first: tuple[list[Hop], bytes] | None = (route, reply_record)
         self.verdicts = verdicts
         self.deadline = deadline or AdaptiveDeadline(cap_s=round_timeout_s, floor_s=min(3.0, round_timeout_s))
         self.silent = silent
-        self.link = StreamLink(route[0].address, channel)
+        self.local = local_link
+        self.link = local_link if local_link is not None else StreamLink(route[0].address, channel)
         self._waiting: dict[int, tuple[float, int]] = {}  # round id -> (sent at, tree nodes), in send order
         self._grace_until = 0.0  # the stages answered at the last deadline: wait on until then
         self.on_round_trip = on_round_trip  # seconds from a round's send to its verdict (metrics)
@@ -95,14 +98,19 @@ class GrpcPipeline:
     async def send(self, msg: RoundMsg) -> None:
         self.trace.mark(self.session_id, msg.round_id, "send")
         msg.route, msg.hop, msg.reply_to = self.route, 0, self.reply_to
-        if self._first is not None:
+        first = self._first is not None
+        if first:
             msg.route, msg.reply_record = self._first
             self._first = None
         if len(msg.tree):  # a commit-only message gets no verdict
             self._waiting[msg.round_id] = (time.monotonic(), len(msg.tree))
-        m = round_to_pb(msg)
-        self.trace.mark(self.session_id, msg.round_id, "encoded")
-        await self.link.write(m)
+        if self.local is not None:
+            self.trace.mark(self.session_id, msg.round_id, "encoded")
+            await self.local.write_round(msg)
+        else:
+            m = round_to_pb(msg, setup=first)  # later rounds: the stage kept the first round's settings
+            self.trace.mark(self.session_id, msg.round_id, "encoded")
+            await self.link.write(m)
         self.trace.mark(self.session_id, msg.round_id, "written")
 
     def _timeout(self) -> float:

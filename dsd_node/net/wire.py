@@ -93,24 +93,63 @@ def tree_from_pb(m: pb.DraftTree) -> TokenTree:
     return TokenTree(list(m.tokens), list(m.parents), m.n_given, dists)
 
 
-def round_to_pb(r: RoundMsg) -> pb.Round:
+@dataclass(frozen=True)
+class SessionSetup:
+    """What a session's stream brings once, with its first round (pb.SessionSetup): the route, this stage's hop
+    in it, where verdicts go, and the sampling settings. A stage keeps it for the stream's later rounds."""
+
+    route: list[Hop]
+    hop: int
+    reply_to: str
+    reply_record: bytes = field(compare=False, repr=False)  # as Hop.record: a repeat may leave the records out
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+class NoSessionSetup(WireError):
+    """A round of a session whose settings this stage does not hold (its first round brought none)."""
+
+
+def session_setup_to_pb(r: RoundMsg) -> pb.SessionSetup:
+    return pb.SessionSetup(route=[hop_to_pb(h) for h in r.route], hop=r.hop, reply_to=r.reply_to,
+                           reply_record=r.reply_record, sampling=sampling_to_pb(r.sampling))
+
+
+def session_setup_from_pb(m: pb.SessionSetup) -> SessionSetup:
+    return SessionSetup([hop_from_pb(h) for h in m.route], m.hop, m.reply_to, m.reply_record,
+                        sampling_from_pb(m.sampling))
+
+
+def round_to_pb(r: RoundMsg, setup: bool = True) -> pb.Round:
+    """setup: the round carries the session's settings (its route, hop, reply_to and sampling): a stream's first
+    round must; later rounds of the stream leave them out (the receiving stage kept them)."""
     return pb.Round(
         session_id=r.session_id, round_id=r.round_id, epoch=r.epoch,
         commits=[pb.Commit(round_id=rid, keep=keep) for rid, keep in r.commits],
         base=[pb.BaseRef(round_id=rid, path=path) for rid, path in r.base],
         tree=tree_to_pb(r.tree), hidden=tensor_to_pb(r.hidden) if r.hidden is not None else None,
-        sampling=sampling_to_pb(r.sampling), route=[hop_to_pb(h) for h in r.route], hop=r.hop, reply_to=r.reply_to,
-        reply_record=r.reply_record)
+        setup=session_setup_to_pb(r) if setup else None)
 
 
-def round_from_pb(m: pb.Round) -> RoundMsg:
-    return RoundMsg(
+def round_from_pb(m: pb.Round, setup: SessionSetup | None) -> tuple[RoundMsg, SessionSetup]:
+    """The round, with the settings it carries, else with `setup` (the settings its stream's first round brought);
+    and the settings it ran with. NoSessionSetup when it has none; WireError when it changes them."""
+    if m.HasField("setup"):
+        mine = session_setup_from_pb(m.setup)
+        if setup is not None and mine != setup:
+            raise WireError(f"round {m.round_id} of session {m.session_id!r} changes the session's settings "
+                            "(route, hop, reply_to or sampling): they are fixed by its first round")
+        setup = mine
+    elif setup is None:
+        raise NoSessionSetup(f"round {m.round_id} of session {m.session_id!r} brings no session settings and this "
+                             "stage holds none for it (a session's first round carries its route and sampling)")
+    msg = RoundMsg(
         session_id=m.session_id, round_id=m.round_id, epoch=m.epoch,
         commits=[(c.round_id, list(c.keep)) for c in m.commits],
         base=[(b.round_id, list(b.path)) for b in m.base],
-        tree=tree_from_pb(m.tree), sampling=sampling_from_pb(m.sampling),
+        tree=tree_from_pb(m.tree), sampling=setup.sampling,
         hidden=tensor_from_pb(m.hidden) if m.HasField("hidden") else None,
-        route=[hop_from_pb(h) for h in m.route], hop=m.hop, reply_to=m.reply_to, reply_record=m.reply_record)
+        route=setup.route, hop=setup.hop, reply_to=setup.reply_to, reply_record=setup.reply_record)
+    return msg, setup
 
 
 def verdict_to_pb(v: VerdictMsg) -> pb.Verdict:

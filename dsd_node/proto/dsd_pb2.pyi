@@ -101,8 +101,22 @@ class Hop(_message.Message):
     record: bytes
     def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., peer_id: _Optional[str] = ..., record: _Optional[bytes] = ...) -> None: ...
 
+class SessionSetup(_message.Message):
+    __slots__ = ("route", "hop", "reply_to", "reply_record", "sampling")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    HOP_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    REPLY_RECORD_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    route: _containers.RepeatedCompositeFieldContainer[Hop]
+    hop: int
+    reply_to: str
+    reply_record: bytes
+    sampling: Sampling
+    def __init__(self, route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., hop: _Optional[int] = ..., reply_to: _Optional[str] = ..., reply_record: _Optional[bytes] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+
 class Round(_message.Message):
-    __slots__ = ("session_id", "round_id", "epoch", "commits", "base", "tree", "hidden", "sampling", "route", "hop", "reply_to", "reply_record")
+    __slots__ = ("session_id", "round_id", "epoch", "commits", "base", "tree", "hidden", "setup")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -110,11 +124,7 @@ class Round(_message.Message):
     BASE_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    ROUTE_FIELD_NUMBER: _ClassVar[int]
-    HOP_FIELD_NUMBER: _ClassVar[int]
-    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
-    REPLY_RECORD_FIELD_NUMBER: _ClassVar[int]
+    SETUP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round_id: int
     epoch: int
@@ -122,12 +132,8 @@ class Round(_message.Message):
     base: _containers.RepeatedCompositeFieldContainer[BaseRef]
     tree: DraftTree
     hidden: Tensor
-    sampling: Sampling
-    route: _containers.RepeatedCompositeFieldContainer[Hop]
-    hop: int
-    reply_to: str
-    reply_record: bytes
-    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., commits: _Optional[_Iterable[_Union[Commit, _Mapping]]] = ..., base: _Optional[_Iterable[_Union[BaseRef, _Mapping]]] = ..., tree: _Optional[_Union[DraftTree, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., hop: _Optional[int] = ..., reply_to: _Optional[str] = ..., reply_record: _Optional[bytes] = ...) -> None: ...
+    setup: SessionSetup
+    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., epoch: _Optional[int] = ..., commits: _Optional[_Iterable[_Union[Commit, _Mapping]]] = ..., base: _Optional[_Iterable[_Union[BaseRef, _Mapping]]] = ..., tree: _Optional[_Union[DraftTree, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., setup: _Optional[_Union[SessionSetup, _Mapping]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("round_id",)
