@@ -9,6 +9,7 @@ drafter proposes the target's own continuation, except at scripted levels of scr
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 
 import pytest
@@ -368,6 +369,40 @@ def test_kept_chain_rates_are_bounded_so_a_change_is_still_seen():
     for _ in range(30):  # the split became faster on this route: a few sessions' chains turn the comparison
         new.saw_chain(SPLIT, 100.0, 3)
     assert new.chain_rate(SPLIT) < new.chain_rate(ONE)
+
+
+class SlowAfterWaste(ScriptedPipeline):
+    """The first round of each new epoch (sent behind wasted rounds) waits `extra_s` for its verdict."""
+
+    def __init__(self, extra_s: float):
+        super().__init__()
+        self.extra_s, self.slow = extra_s, set()
+
+    async def send(self, msg: RoundMsg) -> None:
+        if msg.epoch > 0 and msg.tree.tokens and not any(m.epoch == msg.epoch and m.tree.tokens for m in self.sent):
+            self.slow.add(msg.round_id)
+        await super().send(msg)
+
+    async def recv(self) -> VerdictMsg:
+        v = await super().recv()
+        if v.round_id in self.slow:
+            await asyncio.sleep(self.extra_s)
+        return v
+
+
+async def test_what_wasted_rounds_cost_the_next_chain_is_charged_to_the_way_that_wasted_them():
+    # the model always splits (frozen figures: 150 ms alone); a round after waste waits 200 ms: 50 ms is the waste's
+    p = DsiPolicy(0.35, 4, 0.7e9, 1e9, Ewma(150.0, 0.0), Ewma(11.0, 0.0), Ewma(158.0, 0.0), Ewma(11.0, 0.0),
+                  explore_every=0)
+    pipe = SlowAfterWaste(0.2)
+    out, head, _ = await generate(dsi(4, 3, max_new_tokens=40), ScriptedDrafter(wrong_at={2: 0, 5: 1, 8: 0}),
+                                  pipe=pipe, depth=4, policy=p)
+    assert out == greedy(PROMPT, 40) and head.stats.rounds_wasted >= 1 and pipe.slow
+    charged = p.waste_charged_ms[SPLIT]
+    assert 0.8 * 50 * len(pipe.slow) <= charged <= 50 * len(pipe.slow) + 100  # each after-waste wait, less 150 ms
+    assert p.waste_charged_ms[ONE] == p.waste_charged_ms[AHEAD] == 0.0
+    assert p.charge_waste(ONE, 100.0) == 0.0 and p.charge_waste(ONE, 170.0) == pytest.approx(20.0)
+    assert DsiPolicy().charge_waste(SPLIT, 500.0) == 0.0  # nothing to compare with before a wait is measured
 
 
 def test_policy_measures_the_overhead_of_a_round_behind_another_from_the_waits():

@@ -58,6 +58,7 @@ class _Sent:
     n_known: int = 1  # main_path nodes that are not this round's own drafts (prompt, y, or the guess checked before)
     sent_at: float = 0.0
     behind: bool = False  # sent behind another round still in the pipeline (in flight, or wasted and still going)
+    after_waste: str | None = None  # sent behind wasted rounds only: the way of the chain that wasted them
 
 
 class Head:
@@ -86,6 +87,8 @@ class Head:
         self.policy = policy or DsiPolicy(cfg.min_valid_prob, pipeline_depth)  # dsi: measured figures, decisions
         self.chain_left = 0  # dsi: drafts of the current chain still to send (the second round of a split)
         self.wasted_until = 0.0  # when the wasted rounds still in the pipeline are expected out of it
+        self.waste_way: str | None = None  # the way of the chain whose rounds were wasted last
+        self.chain_charged_ms = 0.0  # of the chain under way's time: what wasted rounds of an earlier one cost it
         self.chain: tuple[float, int, str] | None = None  # dsi: the chain under way: start, len(known), its way
         self.chain_may_ahead = False  # dsi: rounds past the chain under way are allowed (when they pay)
 
@@ -107,7 +110,8 @@ class Head:
         now = time.perf_counter()
         if self.chain is not None:  # the chain before this one ended with the verdict just taken
             start, n_known, way = self.chain
-            self.policy.saw_chain(way, (now - start) * 1e3, len(self.known) - n_known)
+            self.policy.saw_chain(way, (now - start) * 1e3 - self.chain_charged_ms, len(self.known) - n_known)
+        self.chain_charged_ms = 0.0
         j = self.policy.split(k)
         self.chain_left = k - j
         self.chain_may_ahead = self.policy.may_go_ahead()
@@ -192,8 +196,9 @@ class Head:
             self.chain_left = 0  # the chain's rest is sent (or a round past it)
         self.stats.inflight.append(len(self.inflight))
         now = time.perf_counter()
+        after_waste = self.waste_way if not self.inflight and now < self.wasted_until else None
         self.inflight.append(_Sent(self.next_round, tree, main, assumed, max(1, offset), now,
-                                   bool(self.inflight) or now < self.wasted_until))
+                                   bool(self.inflight) or now < self.wasted_until, after_waste))
         self.next_round += 1
         self.stats.rounds += 1
         await self.pipe.send(msg)
@@ -201,6 +206,7 @@ class Head:
     def _invalidate(self) -> None:
         wait = (self.policy.wait_ms.value or 0.0) / 1e3
         self.wasted_until = max([self.wasted_until] + [s.sent_at + wait for s in self.inflight])
+        self.waste_way = self.chain[2] if self.chain is not None else None
         self.stats.rounds_wasted += len(self.inflight)
         self.inflight.clear()
         self.chain_left = 0
@@ -209,7 +215,10 @@ class Head:
     def _measure(self, sent: _Sent, v: VerdictMsg) -> None:
         """The policy's figures from one verdict: the wait, and the round's own drafts along its main path."""
         if not sent.tree.n_given:  # the prompt's round also prefills: its wait says nothing of a round's
-            self.policy.saw_wait((time.perf_counter() - sent.sent_at) * 1e3, sent.behind)
+            wait = (time.perf_counter() - sent.sent_at) * 1e3
+            if sent.after_waste is not None:  # what the wasted rounds ahead of it cost: the wasting way's, not this chain's
+                self.chain_charged_ms += self.policy.charge_waste(sent.after_waste, wait)
+            self.policy.saw_wait(wait, sent.behind)
         matched = 0
         for a, b in zip(v.accepted, sent.main_path, strict=False):
             if a != b:

@@ -87,6 +87,8 @@ class DsiPolicy:
         self.chain_ms = dict.fromkeys((ONE, SPLIT, AHEAD), 0.0)  # realized time of whole chains, by way
         self.chain_tokens = dict.fromkeys((ONE, SPLIT, AHEAD), 0.0)
         self.chain_count = dict.fromkeys((ONE, SPLIT, AHEAD), 0.0)
+        self.waste_charged_ms = dict.fromkeys((ONE, SPLIT, AHEAD), 0.0)  # of chain_ms: what their wasted rounds cost
+        # the chains after them
 
     @property
     def accept_rate(self) -> float:
@@ -128,7 +130,8 @@ class DsiPolicy:
         return (f"acceptance {self.accept_rate:.2f}, wait {w} ms (behind another round {wb} ms, overhead "
                 f"{self.overhead_ms:.1f} ms), draft {d} ms/token ({db} with a round in flight): split "
                 f"{self.model_split(k)} of {k}; realized ms/token: " + ", ".join(
-                    f"{w} {_f(self.chain_rate(w))} ({self.chain_count[w]:.0f} chains)" for w in (ONE, SPLIT, AHEAD)))
+                    f"{w} {_f(self.chain_rate(w))} ({self.chain_count[w]:.0f} chains, {self.waste_charged_ms[w]:.0f} ms "
+                    "charged for waste)" for w in (ONE, SPLIT, AHEAD)))
 
     def chain_time(self, j: int, k: int) -> float:
         """T(j): expected ms from a restart to the verdict that ends a chain of k drafts sent as [y, d1..dj] + the rest."""
@@ -144,6 +147,18 @@ class DsiPolicy:
         self.chain_ms[way] += ms
         self.chain_tokens[way] += tokens
         self.chain_count[way] += 1
+
+    def charge_waste(self, way: str, wait_ms: float) -> float:
+        """A round sent behind wasted rounds only waited `wait_ms`: what it waited beyond a round sent alone is the
+        cost of the waste, charged to the way of the chain that wasted them (returned: the chain under way's
+        time is that much less its own). Uncharged, a split or a round past the chain that misses would bill the
+        chain after it, whichever way that one goes, and look cheaper than it is."""
+        if self.wait_ms.value is None:
+            return 0.0
+        extra = max(0.0, wait_ms - self.wait_ms.value)
+        self.chain_ms[way] += extra
+        self.waste_charged_ms[way] += extra
+        return extra
 
     def chain_rate(self, way: str) -> float | None:
         """Realized ms per committed token of the chains that went `way` (None before one is measured)."""
