@@ -39,9 +39,8 @@ chain only while AHEAD chains do. The way that lost keeps 1 chain in `explore_ev
 Memory. A 32-token generation has about ten chains: learning the figures above within one session costs a
 good part of it (split chains and rounds past the chain sent on the prior, before the overhead of a round
 behind another is known). `PolicyMemory` carries a route's figures from one session to the next on it (the
-waits, the overhead, drafting costs and the realized rates of the two ways, acceptance as a weak prior), so
-only a route's first session learns; the realized rates decide as before, the other way tried for a minority
-share of chains (1 in `explore_every`) so that a change in the machine or the route is still seen.
+waits, the overhead, drafting costs and the realized rates of the ways, acceptance as a weak prior), so only
+a route's first session learns; the realized rates decide as above.
 """
 
 from __future__ import annotations
@@ -130,8 +129,8 @@ class DsiPolicy:
         return (f"acceptance {self.accept_rate:.2f}, wait {w} ms (behind another round {wb} ms, overhead "
                 f"{self.overhead_ms:.1f} ms), draft {d} ms/token ({db} with a round in flight): split "
                 f"{self.model_split(k)} of {k}; realized ms/token: " + ", ".join(
-                    f"{w} {_f(self.chain_rate(w))} ({self.chain_count[w]:.0f} chains, {self.waste_charged_ms[w]:.0f} ms "
-                    "charged for waste)" for w in (ONE, SPLIT, AHEAD)))
+                    f"{way} {_f(self.chain_rate(way))} ({self.chain_count[way]:.0f} chains, "
+                    f"{self.waste_charged_ms[way]:.0f} ms charged for waste)" for way in (ONE, SPLIT, AHEAD)))
 
     def chain_time(self, j: int, k: int) -> float:
         """T(j): expected ms from a restart to the verdict that ends a chain of k drafts sent as [y, d1..dj] + the rest."""
@@ -186,9 +185,9 @@ class DsiPolicy:
 
     def split(self, k: int) -> int:
         """Drafts in the first round of the next chain of k. The model proposes; what the chains sent each way
-        realize (ms per committed token, this session) decides: si's way first, then the split, then the faster
-        of the two, with the other tried every `explore_every`-th chain (the model ignores what the machine
-        adds: drafting and stages taking turns on shared cores, a busier pipeline)."""
+        realize (ms per committed token, on this route) decides: si's way first, then the split, then the faster
+        of the two, the other keeping 1 chain in `explore_every` (the model ignores what the machine adds:
+        drafting and stages taking turns on shared cores, a busier pipeline)."""
         j = self.model_split(k)
         return j if j >= k or self._prefer(SPLIT) else k
 
