@@ -83,11 +83,12 @@ async def count_flips(generate, ids: list[int], want: list[int]) -> int:
 
 
 @contextmanager
-def running(specs) -> Iterator:
-    """A Testnet of `specs` started and healthy for the block; stopped and its temp folders removed after."""
+def running(specs, temp_dirs=()) -> Iterator:
+    """A Testnet of `specs` started and healthy for the block; stopped and its temp folders (and `temp_dirs`)
+    removed after."""
     from dsd_node.ops.testnet import Testnet
 
-    net = Testnet(specs)
+    net = Testnet(specs, temp_dirs=list(temp_dirs))
     try:
         asyncio.run(net.up())
         yield net

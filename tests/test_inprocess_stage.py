@@ -4,18 +4,17 @@ checked against Hugging Face greedy generation and against the node's own metric
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import PROMPTS, hf_greedy
+from conftest import PROMPTS, hf_greedy, running
 from prometheus_client.parser import text_string_to_metric_families
 
 from dsd_node.engine.config import GenerationConfig
 from dsd_node.net.client import DsdClient
-from dsd_node.ops.testnet import Testnet, Trust, free_port, plan
+from dsd_node.ops.testnet import Trust, free_port, plan
 
 pytestmark = pytest.mark.slow  # starts node processes
 
@@ -27,16 +26,8 @@ def net():
     specs = plan(2, colocate=True, trust=Trust(tls=True), key_dir=key_dir, extra=["--round-timeout", "20"])
     head = specs[-1]
     head.args += ["--metrics", f"127.0.0.1:{free_port()}"]
-    n = Testnet(specs, temp_dirs=[key_dir])
-    try:
-        asyncio.run(n.up())
-    except BaseException:
-        n.down()
-        n.remove_temp_dirs()
-        raise
-    yield n
-    n.down()
-    n.remove_temp_dirs()
+    with running(specs, temp_dirs=[key_dir]) as n:
+        yield n
 
 
 async def _stage_sessions(net) -> dict[str, float]:
