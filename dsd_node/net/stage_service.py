@@ -292,9 +292,8 @@ class LocalStageLink:
         t = time.perf_counter()
         st = self.stream
         if st.setup is None:
-            st.setup = SessionSetup(msg.route, msg.hop, msg.reply_to, msg.reply_record, msg.sampling)
-        msg.route, msg.hop, msg.reply_to = st.setup.route, st.setup.hop, st.setup.reply_to
-        msg.reply_record, msg.sampling = st.setup.reply_record, st.setup.sampling
+            st.setup = SessionSetup.of(msg)
+        st.setup.apply(msg)
         self.trace.mark(msg.session_id, msg.round_id, "recv", t)
         self.trace.mark(msg.session_id, msg.round_id, "decoded")
         try:

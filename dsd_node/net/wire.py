@@ -104,6 +104,17 @@ class SessionSetup:
     reply_record: bytes = field(compare=False, repr=False)  # as Hop.record: a repeat may leave the records out
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
+    @classmethod
+    def of(cls, r: RoundMsg) -> SessionSetup:
+        """The settings a round brings."""
+        return cls(r.route, r.hop, r.reply_to, r.reply_record, r.sampling)
+
+    def apply(self, r: RoundMsg) -> RoundMsg:
+        """`r` with these settings (a later round of the stream, which left them out)."""
+        r.route, r.hop, r.reply_to, r.reply_record, r.sampling = (self.route, self.hop, self.reply_to,
+                                                                   self.reply_record, self.sampling)
+        return r
+
 
 class NoSessionSetup(WireError):
     """A round of a session whose settings this stage does not hold (its first round brought none)."""
@@ -146,10 +157,8 @@ def round_from_pb(m: pb.Round, setup: SessionSetup | None) -> tuple[RoundMsg, Se
         session_id=m.session_id, round_id=m.round_id, epoch=m.epoch,
         commits=[(c.round_id, list(c.keep)) for c in m.commits],
         base=[(b.round_id, list(b.path)) for b in m.base],
-        tree=tree_from_pb(m.tree), sampling=setup.sampling,
-        hidden=tensor_from_pb(m.hidden) if m.HasField("hidden") else None,
-        route=setup.route, hop=setup.hop, reply_to=setup.reply_to, reply_record=setup.reply_record)
-    return msg, setup
+        tree=tree_from_pb(m.tree), hidden=tensor_from_pb(m.hidden) if m.HasField("hidden") else None)
+    return setup.apply(msg), setup
 
 
 def verdict_to_pb(v: VerdictMsg) -> pb.Verdict:
