@@ -219,15 +219,17 @@ async def test_close_and_half_close_propagate() -> None:
 
 @pytest.mark.slow
 async def test_refused_target_closes_client_and_emulator_keeps_serving() -> None:
+    # The port stays bound (not listening) until the echo server takes it: connections to it are
+    # refused, and no other process nor an outgoing connection (a TCP self-connect) can take it.
     probe = socket.socket()
     probe.bind((HOST, 0))
     port = probe.getsockname()[1]
-    probe.close()  # nothing listens on `port` now
     async with emulator(port, delay_ms=1) as em:
         for _ in range(2):
             reader, writer = await asyncio.open_connection(HOST, em.port)
             assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()
+        probe.close()
         echo = await start_echo_server(HOST, port)
         try:
             rtts = await measure_rtt(HOST, em.port, 3)
