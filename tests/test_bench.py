@@ -86,6 +86,30 @@ def test_check_passes_on_the_ideal_numbers_and_explains_a_miss():
     assert table.count("\n") == 1 + len(cells) and "**no**" in table
 
 
+def test_dsi_over_si_is_also_read_run_by_run():
+    from dsd_node.ops.bench.formula import paired_speedup
+    from dsd_node.ops.bench.report import theory, theory_lines
+
+    def run(ms_per_token: float, rounds: int, wasted: int = 0) -> dict:
+        return {"wall_ms": ms_per_token * 32, "new_tokens": 32, "rounds": rounds, "rounds_wasted": wasted,
+                "accepted_per_round": [32 // rounds] * rounds, "draft_ms": 100.0}
+
+    # a machine that is twice as slow for the second prompt: the cells' medians mix it in, the pairs do not
+    si = Cell(4, 25.0, "si", "oracle:0.7", 4, runs=[run(40, 10), run(80, 12), run(40, 10), run(80, 12)])
+    dsi = Cell(4, 25.0, "dsi", "oracle:0.7", 4, runs=[run(40, 10), run(72.7, 15, 2), run(44, 10), run(80, 12)])
+    p = paired_speedup(si, dsi)
+    assert p.pairs == 4 and p.median == pytest.approx(1.0)  # ratios 1.0, 1.1, 0.91, 1.0
+    assert (p.low, p.high) == (pytest.approx(40 / 44), pytest.approx(80 / 72.7))
+    # pairs in which dsi sent si's rounds, none wasted: the ratios that show the noise alone
+    assert p.same_schedule == 3 and (p.same_low, p.same_high) == (pytest.approx(40 / 44), 1.0)
+    assert paired_speedup(si, Cell(4, 25.0, "dsi", "oracle:0.7", 4)) is None
+    for c in (si, dsi):
+        summarize(c, hidden_size=256, prompt_len=10, rate_bps=None)
+    (row,) = theory([si, dsi], BenchConfig(drafters=["oracle:0.7"]))
+    assert row["dsi_over_si_paired"]["pairs"] == 4
+    assert "| 1.00x (0.91-1.10) | 3 (0.91-1.00) |" in theory_lines([row])[-1]
+
+
 def test_plan_runs_ar_once_per_stage_count_and_delay():
     cfg = BenchConfig(**QUICK)
     groups = plan_groups(cfg)

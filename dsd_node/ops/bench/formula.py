@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from dsd_node.engine.speculation import DsiPolicy, Ewma
 from dsd_node.ops.bench.plan import Cell
@@ -79,6 +80,38 @@ def dsi_over_si_bound(alpha: float, k: int, round_ms: float, draft_ms_per_token:
     d = max(0.0, draft_ms_per_token)
     w = max(0.0, round_ms - k * d)
     return round_ms / ((w + d / (1.0 - alpha)) * (1.0 - alpha ** (k + 1)))
+
+
+@dataclass
+class Paired:
+    """dsi's speed over si's, run by run: run i of each cell is the same prompt and repeat, timed next to each other
+    (the sweep interleaves modes), so a slow spell of the machine weighs on both sides of most pairs.
+    `same_*`: the pairs in which dsi sent exactly si's rounds (same count, none wasted): their spread is what the
+    machine's noise alone does to a ratio whose true value is 1."""
+
+    median: float
+    low: float
+    high: float
+    pairs: int
+    same_schedule: int
+    same_low: float | None
+    same_high: float | None
+
+
+def paired_speedup(si: Cell, dsi: Cell) -> Paired | None:
+    """Per pair, si's ms/token over dsi's (> 1: dsi faster); None without pairs."""
+    ratios, same = [], []
+    for a, b in zip(si.runs, dsi.runs, strict=False):  # a cell whose testnet failed has fewer
+        if not a.get("new_tokens") or not b.get("new_tokens"):
+            continue
+        r = (a["wall_ms"] / a["new_tokens"]) / (b["wall_ms"] / b["new_tokens"])
+        ratios.append(r)
+        if b["rounds"] == a["rounds"] and not b.get("rounds_wasted"):
+            same.append(r)
+    if not ratios:
+        return None
+    return Paired(statistics.median(ratios), min(ratios), max(ratios), len(ratios), len(same),
+                  min(same, default=None), max(same, default=None))
 
 
 def link_ms_per_token(links: int, t1_ms: float, tau: float) -> float:

@@ -4,6 +4,7 @@ explanation of each cell that misses the prediction, and the plots."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from dsd_node.ops.bench.formula import (
     expected_tau,
     link_ms_per_token,
     oracle_alpha,
+    paired_speedup,
     predicted_dsi_over_si,
 )
 from dsd_node.ops.bench.plan import SLOW_THRESHOLD, BenchConfig, Cell
@@ -43,13 +45,19 @@ def headline(cells: list[Cell], baseline: dict | None, cfg: BenchConfig) -> dict
     h: dict = {"goals": GOALS, "where": f"N={n}, t1={t1:g} ms, drafter {d}, best k for si",
                "k": best.k if best else None,
                "si_over_ar_tokens_per_s": _ratio(best.tokens_per_s, ar[0].tokens_per_s) if best and ar else None,
-               "dsi_over_si_tokens_per_s": _ratio(dsi[0].tokens_per_s, best.tokens_per_s) if best and dsi else None}
+               "dsi_over_si_tokens_per_s": _ratio(dsi[0].tokens_per_s, best.tokens_per_s) if best and dsi else None,
+               "dsi_over_si_paired": _paired(best, dsi)}
     checked = [c for c in cells if c.passed is not None]
     h["formula_cells_passed"] = f"{sum(c.passed for c in checked)}/{len(checked)}"
     h["overhead_vs_hf"] = overhead_vs_hf(cells, baseline, cfg)
     big = h["overhead_vs_hf"].get(f"N={max(cfg.stages)}", {})
     h["ar_over_hf_generate_ms_per_token"] = big.get("ar_over_hf_generate")
     return h
+
+
+def _paired(si: Cell | None, dsi: list[Cell]) -> dict | None:
+    p = paired_speedup(si, dsi[0]) if si is not None and dsi else None
+    return asdict(p) if p is not None else None
 
 
 def overhead_vs_hf(cells: list[Cell], baseline: dict | None, cfg: BenchConfig) -> dict:
@@ -90,22 +98,34 @@ def theory(cells: list[Cell], cfg: BenchConfig) -> list[dict]:
                      "dsi_over_si_predicted": predicted_dsi_over_si(alpha, si.k, si.stages, round_ms, draft_ms,
                                                                     cfg.max_inflight or si.stages),
                      "dsi_over_si_bound": dsi_over_si_bound(alpha, si.k, round_ms, draft_ms),
-                     "dsi_over_si_measured": _ratio(dsi[0].tokens_per_s, si.tokens_per_s) if dsi else None})
+                     "dsi_over_si_measured": _ratio(dsi[0].tokens_per_s, si.tokens_per_s) if dsi else None,
+                     "dsi_over_si_paired": _paired(si, dsi)})
     return rows
 
 
 def theory_lines(rows: list[dict]) -> list[str]:
     """The theory table in Markdown."""
     head = ["N", "t1 ms", "ALPHA", "k", "tau expected", "tau measured", "draft ms/tok", "si round ms",
-            "dsi/si predicted", "dsi/si bound", "dsi/si measured"]
+            "dsi/si predicted", "dsi/si bound", "dsi/si measured", "dsi/si paired (range)", "same rounds (range)"]
     out = ["Theory (calibrated drafters, oracle:ALPHA): tau = (1 - ALPHA^(k+1)) / (1 - ALPHA); dsi/si from the head's "
-           "cost model, and the bound for any schedule when misses are never rescued (docs/bench.md)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+           "cost model, and the bound for any schedule when misses are never rescued (docs/bench.md). Measured: the "
+           "cells' medians; paired: the median of run-by-run ratios (same prompt, timed side by side); same rounds: "
+           "how many pairs had dsi send exactly si's rounds, and their ratios (the machine's noise on a true 1.00x)",
+           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         out.append(f"| {r['stages']} | {r['t1_ms']:g} | {r['alpha']:g} | {r['k']} | {r['tau_expected']:.2f} | "
                    f"{r['tau_measured']:.2f} | {r['draft_ms_per_token']:.1f} | {r['round_ms']:.0f} | "
                    f"{_f(r['dsi_over_si_predicted'], 2, 'x')} | {_f(r['dsi_over_si_bound'], 2, 'x')} | "
-                   f"{_f(r['dsi_over_si_measured'], 2, 'x')} |")
+                   f"{_f(r['dsi_over_si_measured'], 2, 'x')} | {_paired_text(r.get('dsi_over_si_paired'))} |")
     return out
+
+
+def _paired_text(p: dict | None) -> str:
+    """"1.02x (0.91-1.12) | 3 (0.95-1.04)": the paired median and range, then the same-schedule pairs."""
+    if not p:
+        return "- | -"
+    same = f"{p['same_schedule']}" + (f" ({p['same_low']:.2f}-{p['same_high']:.2f})" if p["same_schedule"] else "")
+    return f"{p['median']:.2f}x ({p['low']:.2f}-{p['high']:.2f}) | {same}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -164,7 +184,8 @@ def headline_lines(h: dict, baseline: dict | None) -> list[str]:
     g = h["goals"]
     lines = [f"Headline ({h['where']}, k={h['k']}):",
              f"  si / ar tokens/s:  {_f(h['si_over_ar_tokens_per_s'], 2, 'x')}  (goal >= {g['si_over_ar_tokens_per_s']}x)",
-             f"  dsi / si tokens/s: {_f(h['dsi_over_si_tokens_per_s'], 2, 'x')}  (goal >= {g['dsi_over_si_tokens_per_s']}x)",
+             f"  dsi / si tokens/s: {_f(h['dsi_over_si_tokens_per_s'], 2, 'x')}  (goal >= {g['dsi_over_si_tokens_per_s']}x)"
+             + _paired_headline(h.get("dsi_over_si_paired")),
              f"  formula cells passed (t1 >= {MIN_CHECKED_T1_MS:g} ms): {h['formula_cells_passed']}"]
     if baseline:
         lines.append(f"  HF generate {baseline['hf_generate']['ms_per_token']:.2f} ms/token, HF assisted "
@@ -179,6 +200,13 @@ def headline_lines(h: dict, baseline: dict | None) -> list[str]:
                      f"{_f(nz['loadavg_end'])} at the end; {nz['runs_slowed']}/{nz['runs']} timed runs began while the "
                      f"speed probe read > {SLOW_THRESHOLD}x slower (worst {_f(nz['worst_slowdown'], 2, 'x')})")
     return lines
+
+
+def _paired_headline(p: dict | None) -> str:
+    if not p:
+        return ""
+    median, same = _paired_text(p).split(" | ")
+    return f"; run by run {median}, pairs in which dsi sent si's rounds: {same}"
 
 
 def write_markdown(path: Path, cells: list[Cell], h: dict, baseline: dict | None, cfg: BenchConfig) -> None:
