@@ -514,14 +514,53 @@ def test_rounds_past_the_chain_go_only_while_such_chains_realize_more_tokens_per
 async def test_dsi_sends_no_round_past_the_chain_where_such_chains_were_slower():
     p = frozen(0.95, 150, 2)
     p.explore_every = 8
-    for _ in range(4):  # 4 slow chains with rounds past them among 24: the loser has had its share (1 in 8)
+    for _ in range(3):  # slow chains with rounds past them, each tried again after 7 others: the last one just now
+        for _ in range(7):
+            p.saw_chain(ONE, 300.0, 5)
         p.saw_chain(AHEAD, 3000.0, 5)
-    for _ in range(20):
-        p.saw_chain(ONE, 300.0, 5)
     out, head, _ = await generate(dsi(4, 3, max_new_tokens=24), ScriptedDrafter(), depth=4, policy=p)
     assert out == greedy(PROMPT, 24)
     assert max(head.stats.inflight) == 0 and head.stats.rounds_wasted == 0  # si's rounds, one at a time
-    assert p.chain_count[AHEAD] == 4 and p.chain_count[ONE] > 20  # its own chains went the faster way
+    assert p.chain_count[AHEAD] == 3 and p.chain_count[ONE] > 21  # its own chains went the faster way
+
+
+def test_the_losing_way_is_tried_again_after_explore_every_chains_across_sessions():
+    """Counted in chains since it was last taken, not as a share of the kept chains: those are capped, so a way
+    that lost on a route's first (cold) chains would otherwise keep its share, and its figure, for many sessions."""
+    memory = PolicyMemory(chain_memory=32)
+    p = memory.policy("route", 0.35, 4)
+    p.saw_chain(ONE, 300.0, 5)
+    p.saw_chain(AHEAD, 9000.0, 5)  # a cold first chain: far slower than it will be
+    for _ in range(30):
+        p.saw_chain(ONE, 300.0, 5)
+    memory.keep("route", p)
+    q = memory.policy("route", 0.35, 4)  # the next session: counts scaled to 32 chains, AHEAD still ~1 of them
+    assert q.chain_count[AHEAD] < 32 / q.explore_every
+    assert q.may_go_ahead()  # 30 chains since it was taken: tried again
+    q.saw_chain(AHEAD, 1000.0, 5)
+    assert not q.may_go_ahead()  # (still slower overall) then 7 chains the faster way first
+    for _ in range(q.explore_every - 1):
+        q.saw_chain(ONE, 300.0, 5)
+    assert q.may_go_ahead()
+
+
+async def test_chains_cut_by_the_token_budget_do_not_bill_si_s_way_for_the_sessions_end():
+    """Near a session's end a round drafts fewer tokens and there is no room past the chain: such chains (si's way
+    or split) are not recorded. A chain with rounds past it is, up to the session's end (its accepted runs)."""
+    one = frozen(0.95, 150, 2)
+    one.explore_every, one.min_valid_prob = 0, 1.0  # never a round past the chain: every chain is si's round
+    out, head, pipe = await generate(dsi(4, 3, max_new_tokens=22), ScriptedDrafter(), depth=4, policy=one)
+    assert out == greedy(PROMPT, 22)
+    assert head.stats.accepted_per_round == [5, 5, 5, 5, 3] and len(pipe.sent[4].tree) == 3  # 2 drafts: cut
+    assert one.chain_count[ONE] == 3 and one.chain_tokens[ONE] == 15  # not the prompt's, not the cut one
+    ahead = frozen(0.95, 150, 2)
+    ahead.explore_every = 0
+    # the first round past the prompt's guesses wrong: wasted; from the prompt's verdict on, one chain of whole
+    # rounds with rounds past it, to the end (its last round cut by the budget): recorded, with all its tokens
+    out, head, _ = await generate(dsi(4, 3, max_new_tokens=40), ScriptedDrafter(wrong_at={1: 0}), depth=4,
+                                  policy=ahead)
+    assert out == greedy(PROMPT, 40) and head.stats.rounds_wasted > 0 and max(head.stats.inflight) == 2
+    assert ahead.chain_count == {ONE: 0, SPLIT: 0, AHEAD: 1} and ahead.chain_tokens[AHEAD] == 40 - 5
 
 
 @pytest.mark.parametrize("policy", ["split", "ahead", "eager"])

@@ -91,6 +91,7 @@ class Head:
         self.chain_charged_ms = 0.0  # of the chain under way's time: what wasted rounds of an earlier one cost it
         self.chain: tuple[float, int, str] | None = None  # dsi: the chain under way: start, len(known), its way
         self.chain_may_ahead = False  # dsi: rounds past the chain under way are allowed (when they pay)
+        self.chain_cut = False  # dsi: the token budget cut the chain under way (not recorded: see speculation.py)
 
     @property
     def generated(self) -> list[int]:
@@ -108,10 +109,7 @@ class Head:
             self.chain_left, self.chain = 0, None
             return k
         now = time.perf_counter()
-        if self.chain is not None:  # the chain before this one ended with the verdict just taken
-            start, n_known, way = self.chain
-            self.policy.saw_chain(way, (now - start) * 1e3 - self.chain_charged_ms, len(self.known) - n_known)
-        self.chain_charged_ms = 0.0
+        self._end_chain(now)  # the chain before this one ended with the verdict just taken
         j = self.policy.split(k)
         self.chain_left = k - j
         self.chain_may_ahead = self.policy.may_go_ahead()
@@ -120,11 +118,27 @@ class Head:
         self.chain = (now, len(self.known), way) if len(self.known) > self.n_prompt or self.stats.rounds else None
         return j
 
+    def _end_chain(self, now: float) -> None:
+        """The chain under way (dsi) ended now: record its time and the tokens it committed, unless the token budget
+        cut it and it went si's way or split (a round with fewer drafts, or no room for a round past it: near a
+        session's end only those are possible, so they would bill the session's end to those ways). A chain with
+        rounds past it is recorded even so, up to the session's end: its rounds in flight were sent before the
+        budget bound, and leaving out its long runs of accepted rounds (the ones that reach the end) would bill
+        it only for its short ones."""
+        if self.chain is not None:
+            start, n_known, way = self.chain
+            tokens = min(len(self.known), self.n_prompt + self.cfg.max_new_tokens) - n_known
+            if tokens > 0 and (way == AHEAD or not self.chain_cut):
+                self.policy.saw_chain(way, (now - start) * 1e3 - self.chain_charged_ms, tokens)
+        self.chain, self.chain_charged_ms, self.chain_cut = None, 0.0, False
+
     def _next_depth(self) -> int:
         """dsi: drafted tokens of the round to send now on top of those in flight (0: none now)."""
         if self.cfg.mode != "dsi" or self.drafter_down or not self.inflight or \
-                len(self.inflight) >= (self.cfg.max_inflight or self.pipeline_depth) or \
-                len(self.generated) + self._speculated() >= self.cfg.max_new_tokens:
+                len(self.inflight) >= (self.cfg.max_inflight or self.pipeline_depth):
+            return 0
+        if len(self.generated) + self._speculated() >= self.cfg.max_new_tokens:
+            self.chain_cut = True
             return 0
         if self.chain_left:  # the rest of a split chain: si would have sent it already
             return self.chain_left
@@ -161,6 +175,7 @@ class Head:
         remaining = cfg.max_new_tokens - len(self.generated) - self._speculated()
         # a pure draft's first token is its guess for a token already counted in `remaining`
         k = min(depth, max(1, remaining)) if prompt is not None or not self.inflight else max(1, min(depth, remaining + 1))
+        self.chain_cut = self.chain_cut or k < depth
         if prompt is not None:  # first round: the prompt, given, plus a draft after it
             tree, main = TokenTree.chain(prompt, n_given=len(prompt)), list(range(len(prompt)))
             context, offset = prompt, len(prompt)
@@ -274,6 +289,7 @@ class Head:
         self.stats.new_tokens = len(self.trimmed())
         self.stats.wall_ms = (time.perf_counter() - t0) * 1e3
         if self.cfg.mode == "dsi":
+            self._end_chain(time.perf_counter())
             log.info("dsi %s: %s", self.sid, self.policy.describe(self.cfg.draft_k))
         return self.trimmed()
 

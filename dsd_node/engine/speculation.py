@@ -34,7 +34,10 @@ The realized rates decide. The model leaves out what the machine adds (drafting 
 shared cores, a busier pipeline), so each chain is recorded by the way it went: ONE (si's round), SPLIT, or
 AHEAD (rounds past the chain were sent during it), with its ms and committed tokens. Where the model proposes
 a split, the split is used only while split chains realize fewer ms per token than ONE's; rounds past the
-chain only while AHEAD chains do. The way that lost keeps 1 chain in `explore_every`, so a change is seen.
+chain only while AHEAD chains do. The way that lost is taken again after `explore_every` - 1 chains of the
+others, so a change is seen. Chains that the token budget cuts (a round with fewer drafts, or no room for a
+round past the chain: a session's last few) are not recorded: they are no choice between the ways, and as
+near a session's end only ONE is possible, they would bill ONE for the session's end.
 
 Memory. A 32-token generation has about ten chains: learning the figures above within one session costs a
 good part of it (split chains and rounds past the chain sent on the prior, before the overhead of a round
@@ -74,8 +77,8 @@ class DsiPolicy:
     draft_ms_per_token: Ewma = None
     wait_behind_ms: Ewma = None  # send -> verdict, rounds sent behind another one (in flight or wasted)
     draft_busy_ms_per_token: Ewma = None  # drafting while a round is in flight
-    explore_every: int = 8  # once both ways of sending a chain are measured, the slower one still gets 1 chain
-    # in n (0: follow the model alone)
+    explore_every: int = 8  # once both ways of sending a chain are measured, the slower one is taken again after
+    # n - 1 chains of the others (0: follow the model alone)
 
 
     def __post_init__(self) -> None:
@@ -88,6 +91,7 @@ class DsiPolicy:
         self.chain_count = dict.fromkeys((ONE, SPLIT, AHEAD), 0.0)
         self.waste_charged_ms = dict.fromkeys((ONE, SPLIT, AHEAD), 0.0)  # of chain_ms: what their wasted rounds cost
         # the chains after them
+        self.chains_since = dict.fromkeys((ONE, SPLIT, AHEAD), 0)  # chains recorded since each way was last taken
 
     @property
     def accept_rate(self) -> float:
@@ -146,6 +150,8 @@ class DsiPolicy:
         self.chain_ms[way] += ms
         self.chain_tokens[way] += tokens
         self.chain_count[way] += 1
+        for w in self.chains_since:
+            self.chains_since[w] = 0 if w == way else self.chains_since[w] + 1
 
     def charge_waste(self, way: str, wait_ms: float) -> float:
         """A round sent behind wasted rounds only waited `wait_ms`: what it waited beyond a round sent alone is the
@@ -165,7 +171,10 @@ class DsiPolicy:
 
     def _prefer(self, way: str) -> bool:
         """Go `way` (SPLIT or AHEAD) rather than ONE on this chain? ONE first, then `way`, then the one whose chains
-        realized fewer ms per token, the other keeping 1 chain in explore_every."""
+        realized fewer ms per token, the other taken again once explore_every - 1 chains went another way since it
+        was last taken. Counted in chains since, not as a share of the kept chains: the kept counts are capped
+        (PolicyMemory), so a loser's old chains would count as its share for many sessions and its figure, from
+        a route's first (cold) chains, would not be measured again."""
         if self.explore_every <= 0:
             return True
         if not self.chain_count[ONE]:
@@ -174,7 +183,7 @@ class DsiPolicy:
             return True
         better = self.chain_rate(way) <= self.chain_rate(ONE)
         loser = ONE if better else way
-        explore = self.chain_count[loser] * self.explore_every < self.chain_count[ONE] + self.chain_count[way]
+        explore = self.chains_since[loser] >= self.explore_every - 1
         return better != explore
 
     def model_split(self, k: int) -> int:
@@ -186,7 +195,7 @@ class DsiPolicy:
     def split(self, k: int) -> int:
         """Drafts in the first round of the next chain of k. The model proposes; what the chains sent each way
         realize (ms per committed token, on this route) decides: si's way first, then the split, then the faster
-        of the two, the other keeping 1 chain in `explore_every` (the model ignores what the machine adds:
+        of the two, the other taken again after `explore_every` - 1 chains (the model ignores what the machine adds:
         drafting and stages taking turns on shared cores, a busier pipeline)."""
         j = self.model_split(k)
         return j if j >= k or self._prefer(SPLIT) else k
@@ -208,6 +217,7 @@ class DsiPolicy:
             self.chain_ms[way] = old.chain_ms[way] * scale
             self.chain_tokens[way] = old.chain_tokens[way] * scale
             self.chain_count[way] = old.chain_count[way] * scale
+        self.chains_since = dict(old.chains_since)
 
     def speculate(self, assumed: int, depth: int, remaining_ms: float) -> bool:
         """Send a round of `depth` drafted tokens that assumes `assumed` unverified tokens now?
