@@ -91,7 +91,7 @@ class Head:
         self.chain_charged_ms = 0.0  # of the chain under way's time: what wasted rounds of an earlier one cost it
         self.chain: tuple[float, int, str] | None = None  # dsi: the chain under way: start, len(known), its way
         self.chain_may_ahead = False  # dsi: rounds past the chain under way are allowed (when they pay)
-        self.chain_cut = False  # dsi: the token budget cut the chain under way (not recorded: see speculation.py)
+        self.chain_cut = False  # dsi: the token budget cut the chain under way (see _end_chain)
 
     @property
     def generated(self) -> list[int]:

@@ -35,9 +35,10 @@ shared cores, a busier pipeline), so each chain is recorded by the way it went: 
 AHEAD (rounds past the chain were sent during it), with its ms and committed tokens. Where the model proposes
 a split, the split is used only while split chains realize fewer ms per token than ONE's; rounds past the
 chain only while AHEAD chains do. The way that lost is taken again after `explore_every` - 1 chains of the
-others, so a change is seen. Chains that the token budget cuts (a round with fewer drafts, or no room for a
-round past the chain: a session's last few) are not recorded: they are no choice between the ways, and as
-near a session's end only ONE is possible, they would bill ONE for the session's end.
+others, so a change is seen. ONE and SPLIT chains that the token budget cuts (a round with fewer drafts, or
+no room for a round past the chain: a session's last few) are not recorded: near a session's end only those
+ways are possible, and they would be billed for the session's end. An AHEAD chain is recorded up to the
+session's end: left out, its long runs of accepted rounds (the ones that reach the end) would be missing.
 
 Memory. A 32-token generation has about ten chains: learning the figures above within one session costs a
 good part of it (split chains and rounds past the chain sent on the prior, before the overhead of a round
