@@ -91,6 +91,21 @@ def test_ctrl_c_during_local_generation():
 
 
 @pytest.mark.slow
+def test_ctrl_c_while_dsd_is_still_importing_is_one_line():
+    """The console script imports torch, transformers and libp2p first (seconds): a Ctrl-C then is no traceback."""
+    script = Path(sys.executable).with_name("dsd")
+    if not script.exists():
+        pytest.skip(f"no dsd console script next to {sys.executable} (the package is not installed in this venv)")
+    p = subprocess.Popen([str(script), "generate", "--local", "def f("], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(0.5)  # importing takes ~3 s on the 2-core machine
+    assert p.poll() is None
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and err.strip() == "dsd: interrupted" and out == "", err
+
+
+@pytest.mark.slow
 def test_local_engine_generate_inside_a_running_loop(local_engine):
     cfg = GenerationConfig(mode="si", max_new_tokens=8)
     expected = local_engine.generate("import os", cfg).tokens
