@@ -6,7 +6,9 @@ gRPC, no protobuf, no checks), next to Hugging Face `generate` and to the whole 
 Each stage process loads its layers of the embedded target (dsd_node.engine.shard_runner, the stages' own code),
 runs one round per token as a stage does (the previous token's commit, then a one-node forward) and passes its
 hidden states on through a pipe; the last one returns the greedy token to the head (this process). What is left
-between this and dsd's ar at the same N is the transport and the bookkeeping of the real stages.
+between this and dsd's ar at the same N is the transport and the bookkeeping of the real stages. Last, it times
+one ar round's protobuf decode right after sleeps of 0, 3 and 12 ms: the cost of the same Python in a process that
+was idle between rounds.
 """
 
 from __future__ import annotations
@@ -98,6 +100,33 @@ def hf_generate_ms(tokens: int, repeats: int) -> float:
     return statistics.median(runs[1:])
 
 
+def wake_tax(rounds: int = 300) -> dict[str, float]:
+    """µs to decode one ar round's protobuf (wire.round_from_pb) right after a sleep of 0, 3 and 12 ms (and some
+    matrix work, as a stage's forward does): what the same Python costs in a process that was idle between
+    rounds, as every stage is."""
+    from dsd_node.engine.messages import Hop, RoundMsg
+    from dsd_node.engine.tree import TokenTree
+    from dsd_node.net.wire import round_from_pb, round_to_pb
+
+    route = [Hop(f"127.0.0.1:{5000 + i}", 2 * i, 2 * i + 2, f"peer{i}") for i in range(4)]
+    msg = RoundMsg("s", 5, 0, [(4, [0])], [], TokenTree([7], [-1]), hidden=torch.randn(1, 1, 256), route=route,
+                   hop=1, reply_to="127.0.0.1:9")
+    _, setup = round_from_pb(round_to_pb(msg, setup=True), None)
+    m, w, out = round_to_pb(msg, setup=False), torch.randn(1024, 1024), {}
+    for gap_ms in (0, 3, 12):
+        times = []
+        for _ in range(rounds):
+            time.sleep(gap_ms / 1e3)
+            x = torch.randn(1, 1024)
+            for _ in range(5):
+                x = torch.tanh(x @ w)
+            t = time.perf_counter()
+            round_from_pb(m, setup)
+            times.append(time.perf_counter() - t)
+        out[f"{gap_ms} ms"] = statistics.median(times) * 1e6
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", default="1,2,4", help="comma-separated stage counts")
@@ -114,8 +143,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['stages']} | {r['ms_per_token']:.2f} | {r['ms_per_token'] / ((hf + hf_after) / 2):.2f}x | "
               f"{', '.join(f'{x:.2f}' for x in r['forward_ms'])} | {r['forward_sum_ms']:.2f} |")
+    tax = wake_tax()
+    print("\ndecoding one ar round (wire.round_from_pb) after a sleep of: " +
+          ", ".join(f"{k} {v:.0f} us" for k, v in tax.items()))
     with open(args.out, "w") as f:
-        json.dump({"hf_generate_ms": [hf, hf_after], "tokens": args.tokens, "rows": rows}, f, indent=1)
+        json.dump({"hf_generate_ms": [hf, hf_after], "tokens": args.tokens, "rows": rows,
+                   "decode_us_after_sleep": tax}, f, indent=1)
 
 
 if __name__ == "__main__":
