@@ -38,6 +38,7 @@ from dsd_node.net.tls import (
 )
 from dsd_node.net.wire import round_to_pb
 from dsd_node.ops.testnet import Testnet, Trust, free_port, plan, plan_discovery
+from dsd_node.p2p.discovery import Discovery
 from dsd_node.p2p.identity import Identity, load_or_create_identity
 from dsd_node.p2p.records import NodeRecord, RecordError, decode_signed, sign_record
 from dsd_node.proto import dsd_pb2_grpc as rpc
@@ -272,6 +273,21 @@ def test_testnet_up_private_starts_an_authenticated_private_swarm(reference, tok
     assert out["tokens"] == hf_greedy(reference, tokenizer(PROMPTS[0])["input_ids"], 16, tokenizer.eos_token_id)
 
 
+async def _until_announced(bootstrap: str, stages: int, timeout_s: float = 120.0) -> None:
+    """Until a fresh peer that knows only `bootstrap` finds `stages` stage records of the embedded target."""
+    d = Discovery(Identity.generate(), bootstrap=[bootstrap])
+    await d.start()
+    try:
+        found: dict = {}
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(found) < stages:
+            assert asyncio.get_running_loop().time() < deadline, f"{len(found)} of {stages} stage records announced"
+            found.update({r.peer_id: r for r in await d.find("embedded:target") if r.role == "stage"})
+            await asyncio.sleep(0.5)
+    finally:
+        await d.stop()
+
+
 @pytest.mark.extended
 async def test_a_rogue_stage_is_caught_banned_and_the_output_stays_hf_greedy(reference, tokenizer, tmp_path):
     """Two honest replicas of the whole model and a rogue one (biased logits, announcing 1e9 tokens/s, so routing
@@ -300,13 +316,16 @@ async def test_a_rogue_stage_is_caught_banned_and_the_output_stays_hf_greedy(ref
                                               start_new_session=True)
         await wait_healthy(rogue_addr, 120, tls=True)
         await net.up(timeout_s=300)
+        head = next(s for s in specs if s.name == "head")
+        multiaddr = head.args[head.args.index("--bootstrap") + 1]
+        # the rogue's first round is vetted only if its replicas can be found then (with none announced yet the round
+        # is unverifiable and its tokens are sent, as documented): wait until the DHT has all three
+        await _until_announced(multiaddr, stages=3)
         async with DsdClient(net.gateway) as c:
             for prompt in PROMPTS[:3]:
                 r = await c.generate(prompt, GenerationConfig(mode="si", max_new_tokens=24))
                 assert r.tokens == hf_greedy(reference, tokenizer(prompt)["input_ids"], 24, tokenizer.eos_token_id)
         rogue_id = load_or_create_identity(tmp_path / "rogue.key")
-        head = next(s for s in specs if s.name == "head")
-        multiaddr = head.args[head.args.index("--bootstrap") + 1]
         route = subprocess.run([sys.executable, "-m", "dsd_node.cli", "route", "--bootstrap", multiaddr],
                                capture_output=True, text=True, timeout=120)
         assert f": {rogue_id.peer_id}: its layers 0:8" in route.stdout, route.stdout + route.stderr

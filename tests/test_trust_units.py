@@ -212,3 +212,25 @@ async def test_the_auditor_reports_each_rounds_result_and_checks_about_its_fract
     a, banned = _auditor(["h1", "h2"], {"h2": []}, on_result=results.append)
     await a.check([hop("h1")], [1], good, greedy)
     assert results[-1] == "unverifiable" and banned == [] and a.stats.mismatches == 0
+
+
+async def test_no_replay_goes_through_a_peer_the_gateway_excludes():
+    """A frozen replica, excluded after a failover, would hold every replay (and so the session) until the stages
+    expire it: replays go through the replicas the gateway still routes to, else the round is unverifiable."""
+    greedy, good = SamplingParams.create(), [5, 6, 7]
+    excluded = {"frozen:1"}
+    asked: list[str] = []
+
+    async def replicas(fresh: bool):
+        return [_rec(p) for p in ("h1", "frozen", "h2")]
+
+    async def replay(route, context, tokens, sampling):
+        asked.append(route[0].peer_id)
+        return good
+
+    a = Auditor(replicas, replay, excluded=lambda: excluded)
+    await a.check([hop("h1")], [1], good, greedy)
+    assert asked == ["h2"] and a.vouched == {"h1", "h2"}
+    excluded.add("h2:1")
+    await a.check([hop("h1")], [1], good, greedy)
+    assert asked == ["h2"] and a.stats.unverifiable == 1

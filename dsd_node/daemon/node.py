@@ -451,7 +451,8 @@ class Node:
         self.metrics.set_source(self.metrics.banned_peers, lambda: len(finder.banned))
         return Auditor(replicas, self.gateway.replay, self.cfg.verify_fraction, on_ban=finder.banned.add,
                        on_result=lambda result: self.metrics.verification.labels(result).inc(),
-                       record_of=lambda peer: self.discovery.signed.get((self.cfg.model, peer), b""))
+                       record_of=lambda peer: self.discovery.signed.get((self.cfg.model, peer), b""),
+                       excluded=finder.exclusions.excluded)
 
     async def serve(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

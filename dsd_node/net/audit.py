@@ -64,6 +64,9 @@ class Auditor:
     on_ban: Callable[[str], None] | None = None  # e.g. exclude the peer from routing
     on_result: Callable[[str], None] | None = None  # each round's result: skipped, agree, mismatch, unverifiable
     record_of: Callable[[str], bytes] = lambda peer_id: b""  # a peer's signed record (travels with a replay)
+    # gRPC addresses the gateway excludes now (dead, frozen or slow: see net/exclusion.py): no replay goes through
+    # them, or a replay on a frozen replica would hold the session until its stages expire it
+    excluded: Callable[[], set[str]] = set
 
     def _count(self, result: str) -> None:
         if self.on_result is not None:
@@ -130,7 +133,8 @@ class Auditor:
                                  f"committed {tokens[:4]}..., independent replicas {list(best)[:4]}...")
 
     async def _records(self, fresh: bool) -> list[NodeRecord]:
-        return [r for r in await self.replicas(fresh) if r.peer_id not in self.banned]
+        excluded = self.excluded()
+        return [r for r in await self.replicas(fresh) if r.peer_id not in self.banned and r.grpc_address not in excluded]
 
     async def _another_route(self, used: list[list[Hop]], records: list[NodeRecord]
                              ) -> tuple[list[Hop] | None, list[NodeRecord]]:
