@@ -116,16 +116,16 @@ def theory_lines(rows: list[dict]) -> list[str]:
         out.append(f"| {r['stages']} | {r['t1_ms']:g} | {r['alpha']:g} | {r['k']} | {r['tau_expected']:.2f} | "
                    f"{r['tau_measured']:.2f} | {r['draft_ms_per_token']:.1f} | {r['round_ms']:.0f} | "
                    f"{_f(r['dsi_over_si_predicted'], 2, 'x')} | {_f(r['dsi_over_si_bound'], 2, 'x')} | "
-                   f"{_f(r['dsi_over_si_measured'], 2, 'x')} | {_paired_text(r.get('dsi_over_si_paired'))} |")
+                   f"{_f(r['dsi_over_si_measured'], 2, 'x')} | {' | '.join(_paired_parts(r.get('dsi_over_si_paired')))} |")
     return out
 
 
-def _paired_text(p: dict | None) -> str:
-    """"1.02x (0.91-1.12) | 3 (0.95-1.04)": the paired median and range, then the same-schedule pairs."""
+def _paired_parts(p: dict | None) -> tuple[str, str]:
+    """("1.02x (0.91-1.12)", "3 (0.95-1.04)"): the paired median and range, then the same-schedule pairs."""
     if not p:
-        return "- | -"
+        return "-", "-"
     same = f"{p['same_schedule']}" + (f" ({p['same_low']:.2f}-{p['same_high']:.2f})" if p["same_schedule"] else "")
-    return f"{p['median']:.2f}x ({p['low']:.2f}-{p['high']:.2f}) | {same}"
+    return f"{p['median']:.2f}x ({p['low']:.2f}-{p['high']:.2f})", same
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def headline_lines(h: dict, baseline: dict | None) -> list[str]:
 def _paired_headline(p: dict | None) -> str:
     if not p:
         return ""
-    median, same = _paired_text(p).split(" | ")
+    median, same = _paired_parts(p)
     return f"; run by run {median}, pairs in which dsi sent si's rounds: {same}"
 
 
