@@ -82,6 +82,19 @@ async def count_flips(generate, ids: list[int], want: list[int]) -> int:
     return flips
 
 
+async def find_stages(discovery, want: int, tries: int, every_s: float) -> list:
+    """The embedded target's stage records `discovery` (started) finds, looked up until `want` are found or `tries`
+    lookups were made: a lookup on a loaded machine may miss records, or they are still being announced."""
+    found: dict = {}
+    for i in range(tries):
+        found.update({r.peer_id: r for r in await discovery.find("embedded:target") if r.role == "stage"})
+        if len(found) >= want:
+            break
+        if i + 1 < tries:
+            await asyncio.sleep(every_s)
+    return list(found.values())
+
+
 @contextmanager
 def running(specs, temp_dirs=()) -> Iterator:
     """A Testnet of `specs` started and healthy for the block; stopped and its temp folders (and `temp_dirs`)

@@ -10,7 +10,7 @@ import time
 
 import grpc
 import pytest
-from conftest import PROMPTS, hf_greedy
+from conftest import PROMPTS, find_stages, hf_greedy
 
 from dsd_node.engine.config import GenerationConfig
 from dsd_node.net.client import DsdClient
@@ -57,13 +57,7 @@ async def test_discovery_replicas_waiting_head_and_failover(reference, tokenizer
         d = Discovery(Identity.generate(), bootstrap=[boot])
         await d.start()
         try:
-            found: dict = {}  # a lookup on a loaded machine may miss a record: look again (as `dsd route` does)
-            for _ in range(5):
-                found.update({r.peer_id: r for r in await d.find("embedded:target") if r.role == "stage"})  # the head announces too
-                if len(found) >= 6:
-                    break
-                await asyncio.sleep(1.0)
-            records = list(found.values())
+            records = await find_stages(d, 6, tries=5, every_s=1.0)  # (the head announces too: not a stage)
             assert sorted((r.layer_start, r.layer_end) for r in records) == [(0, 3), (0, 3), (3, 5), (3, 5), (5, 8), (5, 8)]
 
             async with grpc.aio.insecure_channel(by_name["head"].address) as ch:

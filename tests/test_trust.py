@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import grpc
 import msgpack
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy
+from conftest import PROMPTS, find_stages, hf_greedy
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -261,7 +262,6 @@ def test_testnet_up_private_starts_an_authenticated_private_swarm(reference, tok
     says what it is and serves HF greedy through TLS links."""
     import json
     import subprocess
-    import sys
 
     p = subprocess.run([sys.executable, "-m", "dsd_node.cli", "testnet", "up", "--stages", "2", "--private",
                         "--generate", PROMPTS[0], "--max-new-tokens", "16", "--json"],
@@ -278,12 +278,10 @@ async def _until_announced(bootstrap: str, stages: int, timeout_s: float = 120.0
     d = Discovery(Identity.generate(), bootstrap=[bootstrap])
     await d.start()
     try:
-        found: dict = {}
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while len(found) < stages:
-            assert asyncio.get_running_loop().time() < deadline, f"{len(found)} of {stages} stage records announced"
-            found.update({r.peer_id: r for r in await d.find("embedded:target") if r.role == "stage"})
-            await asyncio.sleep(0.5)
+        try:
+            await asyncio.wait_for(find_stages(d, stages, tries=sys.maxsize, every_s=0.5), timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"fewer than {stages} stage records announced within {timeout_s:.0f} s") from None
     finally:
         await d.stop()
 
@@ -294,7 +292,6 @@ async def test_a_rogue_stage_is_caught_banned_and_the_output_stays_hf_greedy(ref
     picks it) joining through discovery; with verification on, the client gets HF greedy and `dsd route` shows
     the ban."""
     import subprocess
-    import sys
 
     specs = plan_discovery(1, replicas=2, key_dir=tmp_path, trust=Trust(tls=True),
                            extra=["--round-timeout", "20", "--verify-fraction", "1.0"])
