@@ -85,18 +85,15 @@ def chain(n: int, tokens: int, repeats: int) -> dict:
 
 
 def hf_generate_ms(tokens: int, repeats: int) -> float:
+    """HF `generate`'s ms per token on the embedded target in this process (1 thread), median after a warm-up."""
     from transformers import AutoModelForCausalLM
 
     from dsd_node.engine.models import resolve_model_path
+    from dsd_node.ops.bench.run import hf_generate_ms_per_token
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("embedded:target"), dtype=torch.float32).eval()
-    ids = torch.tensor([PROMPT])
-    runs = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        runs.append((time.perf_counter() - t) / tokens * 1e3)
+    runs = [hf_generate_ms_per_token(model, PROMPT, tokens, {}) for _ in range(repeats + 1)]
     return statistics.median(runs[1:])
 
 

@@ -146,7 +146,7 @@ def breakdown(folder: Path, windows: list[tuple[float, float]], n_stages: int) -
 
 
 async def _run(args, variants: list[Variant], prompt_ids: list[list[int]], hf_model) -> list[float]:
-    from dsd_node.ops.bench.run import _hf_generate
+    from dsd_node.ops.bench.run import hf_generate_ms_per_token
     modes = args.modes.split(",")
     ups = []
     for v in variants:
@@ -172,7 +172,7 @@ async def _run(args, variants: list[Variant], prompt_ids: list[list[int]], hf_mo
     turn = 0
     for _ in range(args.repeats):
         for ids in prompt_ids:
-            hf.append(_hf_generate(hf_model, ids, args.tokens, {}))
+            hf.append(hf_generate_ms_per_token(hf_model, ids, args.tokens, {}))
             for mode in modes:
                 for v in variants if turn % 2 == 0 else variants[::-1]:
                     pids = [p.pid for p in v.net.procs.values()]

@@ -243,12 +243,12 @@ def hf_baseline(cfg: BenchConfig, prompt_ids: list[list[int]]) -> dict:
         kinds = {"hf_generate": {}, "hf_assisted": {"assistant_model": drafter}}
         longest = max(prompt_ids, key=len)
         for extra in kinds.values():  # warm-up: full length, longest prompt (as on the testnets)
-            _hf_generate(target, longest, cfg.max_new_tokens, extra)
+            hf_generate_ms_per_token(target, longest, cfg.max_new_tokens, extra)
         runs: dict[str, list[float]] = {name: [] for name in kinds}
         for _ in range(cfg.repeats):
             for ids in prompt_ids:
                 for name, extra in kinds.items():  # interleaved, like the testnet runs
-                    runs[name].append(_hf_generate(target, ids, cfg.max_new_tokens, extra))
+                    runs[name].append(hf_generate_ms_per_token(target, ids, cfg.max_new_tokens, extra))
         out: dict = {}
         for name, ms in runs.items():
             med = statistics.median(ms)
@@ -265,7 +265,7 @@ def hf_baseline(cfg: BenchConfig, prompt_ids: list[list[int]]) -> dict:
         hf_logging.enable_progress_bar()
 
 
-def _hf_generate(model, ids: list[int], tokens: int, extra: dict) -> float:
+def hf_generate_ms_per_token(model, ids: list[int], tokens: int, extra: dict) -> float:
     """ms per token of one greedy HF generation of exactly `tokens` new tokens."""
     x = torch.tensor([ids], device=model.device)
     with torch.inference_mode():
